@@ -1,0 +1,51 @@
+# thinvisor: `make demo` and `make test` on a fresh Debian 12 machine, as root.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMPS := .stamps
+
+# Everything thinvisor and its tests need from Debian.
+APT_PACKAGES := qemu-system-x86 qemu-utils ovmf seabios ipxe-qemu busybox-static \
+	util-linux kmod cpio xorriso python3-venv python3-dev socat
+
+.PHONY: all deps demo test lint unit functional clean
+
+all: deps
+
+$(STAMPS)/apt:
+	@mkdir -p $(STAMPS)
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing from Debian: $$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+	@touch $@
+
+$(BIN)/thinvisor: pyproject.toml $(STAMPS)/apt
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	@touch $@
+
+deps: $(BIN)/thinvisor
+
+demo: deps
+	$(BIN)/python -m thinvisor.demo
+
+lint: deps
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
+	$(BIN)/mypy
+
+unit: deps
+	$(BIN)/pytest tests/unit
+
+functional: deps
+	$(BIN)/pytest tests/functional
+
+test: lint
+	$(BIN)/pytest tests
+
+clean:
+	rm -rf $(VENV) $(STAMPS) build src/*.egg-info

@@ -1,0 +1,102 @@
+"""The host's configuration: one TOML file, ``/etc/thinvisor/host.toml`` by default.
+
+``THINVISOR_CONFIG`` (or the CLI's ``--config``) names another file. A missing default
+file means the defaults below, so a fresh host works with no configuration at all.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, ValidationError, field_validator
+
+from thinvisor.errors import InvalidConfig, NotFound
+from thinvisor.model.vm import StrictModel, check_name, invalid_argument
+
+DEFAULT_CONFIG = Path("/etc/thinvisor/host.toml")
+CONFIG_ENV = "THINVISOR_CONFIG"
+
+Accel = Literal["auto", "kvm", "tcg"]
+
+
+class DatastoreConfig(StrictModel):
+    name: str
+    path: Path
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        return check_name(value)
+
+    @field_validator("path")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        if not value.is_absolute():
+            raise ValueError("must be an absolute path")
+        return value
+
+
+def _default_datastores() -> list[DatastoreConfig]:
+    return [DatastoreConfig(name="local", path=Path("/var/lib/thinvisor/datastores/local"))]
+
+
+class HostConfig(StrictModel):
+    """Where things live and how VMs are run on this host."""
+
+    accel: Accel = "auto"
+    qemu_binary: str = "qemu-system-x86_64"
+    qemu_img_binary: str = "qemu-img"
+    run_dir: Path = Path("/run/thinvisor")
+    cache_dir: Path = Path("/var/cache/thinvisor")
+    datastores: list[DatastoreConfig] = Field(default_factory=_default_datastores)
+    shutdown_timeout_s: float = Field(default=60.0, gt=0)
+
+    @field_validator("datastores")
+    @classmethod
+    def _datastores(cls, value: list[DatastoreConfig]) -> list[DatastoreConfig]:
+        if not value:
+            raise ValueError("at least one datastore is needed")
+        names = [d.name for d in value]
+        if len(set(names)) != len(names):
+            raise ValueError("datastore names must be unique")
+        return value
+
+    @property
+    def default_datastore(self) -> DatastoreConfig:
+        return self.datastores[0]
+
+    def datastore(self, name: str | None) -> DatastoreConfig:
+        if name is None:
+            return self.default_datastore
+        for ds in self.datastores:
+            if ds.name == name:
+                return ds
+        raise NotFound(f"datastore {name!r} does not exist")
+
+
+def config_path(explicit: Path | None = None) -> Path:
+    if explicit is not None:
+        return explicit
+    env = os.environ.get(CONFIG_ENV)
+    return Path(env) if env else DEFAULT_CONFIG
+
+
+def load_config(explicit: Path | None = None) -> HostConfig:
+    """Read the host configuration; defaults when the default file does not exist."""
+    path = config_path(explicit)
+    if not path.exists():
+        if path == DEFAULT_CONFIG:
+            return HostConfig()
+        raise InvalidConfig(f"config: {path} does not exist")
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise InvalidConfig(f"config: cannot read {path}: {exc}") from exc
+    try:
+        return HostConfig.model_validate(data)
+    except ValidationError as exc:
+        err = invalid_argument(exc)
+        raise InvalidConfig(f"config: {path}: {err}") from None

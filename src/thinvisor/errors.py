@@ -1,0 +1,108 @@
+"""thinvisor's error tree.
+
+Every error a caller can see is one of these. Each carries the HTTP status the REST API
+answers with and the CIM status code the CIM server answers with, so that one translator
+per edge maps them. Backend failures (QMP errors, ``subprocess`` failures) are translated
+into these at the engine boundary with ``raise ... from exc``.
+
+    ThinvisorError                      500  CIM_ERR_FAILED
+     +-- InvalidArgument                400  CIM_ERR_INVALID_PARAMETER   (field, reason)
+     +-- NotFound                       404  CIM_ERR_NOT_FOUND
+     +-- AlreadyExists                  409  CIM_ERR_ALREADY_EXISTS
+     +-- InvalidState                   409  CIM_ERR_FAILED              (vm, state, action)
+     +-- Busy                           409  CIM_ERR_FAILED
+     +-- InsufficientResources          409  CIM_ERR_FAILED
+     +-- InvalidConfig                  422  CIM_ERR_FAILED              (a corrupt vm.toml)
+     +-- BackendError                   502  CIM_ERR_FAILED
+          +-- QemuError                 (QEMU failed to start, or a QMP command failed)
+          +-- ImageError                (qemu-img failed)
+          +-- ApplianceBuildError       (the appliance could not be built)
+"""
+
+from __future__ import annotations
+
+# CIM status codes (DSP0200); numeric here so that this module imports nothing.
+CIM_ERR_FAILED = 1
+CIM_ERR_INVALID_PARAMETER = 4
+CIM_ERR_NOT_FOUND = 6
+CIM_ERR_ALREADY_EXISTS = 11
+
+
+class ThinvisorError(Exception):
+    """The root of every error thinvisor raises on purpose."""
+
+    http_status = 500
+    cim_status = CIM_ERR_FAILED
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class InvalidArgument(ThinvisorError):
+    """A value given by the caller is wrong; ``field`` names it."""
+
+    http_status = 400
+    cim_status = CIM_ERR_INVALID_PARAMETER
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"{field}: {reason}")
+        self.field = field
+        self.reason = reason
+
+
+class NotFound(ThinvisorError):
+    http_status = 404
+    cim_status = CIM_ERR_NOT_FOUND
+
+
+class AlreadyExists(ThinvisorError):
+    http_status = 409
+    cim_status = CIM_ERR_ALREADY_EXISTS
+
+
+class InvalidState(ThinvisorError):
+    """An action was asked of a VM in a state that does not allow it; nothing was done."""
+
+    http_status = 409
+
+    def __init__(self, vm: str, state: str, action: str) -> None:
+        super().__init__(f"vm {vm!r}: cannot {action} while {state}")
+        self.vm = vm
+        self.state = state
+        self.action = action
+
+
+class Busy(ThinvisorError):
+    """Another operation holds the VM."""
+
+    http_status = 409
+
+
+class InsufficientResources(ThinvisorError):
+    http_status = 409
+
+
+class InvalidConfig(ThinvisorError):
+    """A stored configuration cannot be read; the VM is listed as invalid."""
+
+    http_status = 422
+
+
+class BackendError(ThinvisorError):
+    http_status = 502
+
+
+class QemuError(BackendError):
+    pass
+
+
+class ImageError(BackendError):
+    pass
+
+
+class ApplianceBuildError(BackendError):
+    pass

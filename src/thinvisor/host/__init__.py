@@ -1,0 +1,1 @@
+"""The host: VM inventory, actions with state gating, and the QEMU engine."""

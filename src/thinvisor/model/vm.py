@@ -1,0 +1,250 @@
+"""A VM's definition: what ``vm.toml`` holds.
+
+Pure data, no I/O. Everything a spec can check on its own is checked here (names, ranges,
+unique device names); what depends on the host (free memory, CPU count, whether a path
+lies inside a datastore) is checked by the service against the host's facts.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid as uuidlib
+from typing import Annotated, Any, Literal, Self
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from thinvisor.errors import InvalidArgument
+
+NAME_MAX = 64
+MEMORY_MIN_MIB = 32
+VCPUS_MAX = 255
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_DEVICE_NAME_RE = re.compile(r"^[a-z][a-z0-9]{0,15}$")
+_MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+
+MachineType = Literal["q35", "pc", "microvm"]
+DiskFormat = Literal["qcow2", "raw"]
+DiskBus = Literal["virtio", "scsi", "ide"]
+CdromBus = Literal["ide", "scsi"]
+NicModel = Literal["virtio", "e1000", "rtl8139"]
+BootDevice = Literal["disk", "cdrom", "network"]
+_DEFAULT_ORDER: tuple[BootDevice, ...] = ("disk", "cdrom")
+
+
+def check_name(value: str, field: str = "name") -> str:
+    """Validate a VM name; raise ``ValueError`` with the reason."""
+    if not value:
+        raise ValueError("must not be empty")
+    if len(value) > NAME_MAX:
+        raise ValueError(f"must be at most {NAME_MAX} characters")
+    if "/" in value or ".." in value:
+        raise ValueError("must not contain '/' or '..'")
+    if not _NAME_RE.match(value):
+        raise ValueError(
+            "may contain only letters, digits, '.', '_' and '-', starting with a letter or digit"
+        )
+    return value
+
+
+class StrictModel(BaseModel):
+    """Unknown fields are rejected, values are checked on assignment too."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+def _device_name(value: str) -> str:
+    if not _DEVICE_NAME_RE.match(value):
+        raise ValueError("must be a lower-case letter followed by up to 15 letters or digits")
+    return value
+
+
+DeviceName = Annotated[str, AfterValidator(_device_name)]
+VmName = Annotated[str, AfterValidator(check_name)]
+
+
+class KernelBoot(StrictModel):
+    """Direct kernel boot: QEMU loads the kernel and initrd itself."""
+
+    kind: Literal["kernel"] = "kernel"
+    kernel: str
+    initrd: str | None = None
+    cmdline: str = ""
+
+
+class FirmwareBoot(StrictModel):
+    """SeaBIOS boots from the devices in ``order``."""
+
+    kind: Literal["firmware"] = "firmware"
+    order: list[BootDevice] = Field(default_factory=lambda: list(_DEFAULT_ORDER))
+
+    @field_validator("order")
+    @classmethod
+    def _unique(cls, value: list[BootDevice]) -> list[BootDevice]:
+        if not value:
+            raise ValueError("must name at least one device")
+        if len(set(value)) != len(value):
+            raise ValueError("must not repeat a device")
+        return value
+
+
+BootSpec = Annotated[KernelBoot | FirmwareBoot, Field(discriminator="kind")]
+
+
+class DiskSpec(StrictModel):
+    name: DeviceName
+    path: str
+    format: DiskFormat = "qcow2"
+    bus: DiskBus = "virtio"
+    readonly: bool = False
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, value: str) -> str:
+        if not value:
+            raise ValueError("must not be empty")
+        return value
+
+
+class DiskUpdate(StrictModel):
+    """The fields of a disk that may change; only those given are applied."""
+
+    readonly: bool | None = None
+
+
+class CdromSpec(StrictModel):
+    """The VM's one CD-ROM drive; ``path`` is the ISO in it, or None when empty."""
+
+    path: str | None = None
+    bus: CdromBus = "ide"
+
+
+class NicSpec(StrictModel):
+    name: DeviceName
+    model: NicModel = "virtio"
+    mac: str
+    network: str = "user"
+
+    @field_validator("mac")
+    @classmethod
+    def _mac(cls, value: str) -> str:
+        value = value.lower()
+        if not _MAC_RE.match(value):
+            raise ValueError("must be six hex octets separated by ':'")
+        if int(value[:2], 16) & 1:
+            raise ValueError("must be a unicast address")
+        return value
+
+
+class SerialSpec(StrictModel):
+    """A serial port: a private unix socket for consoles, everything also logged."""
+
+    name: DeviceName
+
+
+class ParallelSpec(StrictModel):
+    """A parallel port whose output is written to a log file in the VM's directory."""
+
+    enabled: bool = True
+
+
+class GraphicsSpec(StrictModel):
+    """The graphical console: VNC on a private unix socket, or none."""
+
+    kind: Literal["vnc", "none"] = "vnc"
+
+
+class VmSpec(StrictModel):
+    """Everything needed to start a VM. Stored as ``<datastore>/<name>/vm.toml``."""
+
+    name: VmName
+    uuid: str = Field(default_factory=lambda: str(uuidlib.uuid4()))
+    vcpus: int = Field(default=1, ge=1, le=VCPUS_MAX)
+    memory_mib: int = Field(default=256, ge=MEMORY_MIN_MIB)
+    machine: MachineType = "q35"
+    boot: BootSpec = Field(default_factory=FirmwareBoot)
+    disks: list[DiskSpec] = Field(default_factory=list)
+    cdrom: CdromSpec | None = None
+    nics: list[NicSpec] = Field(default_factory=list)
+    serials: list[SerialSpec] = Field(default_factory=lambda: [SerialSpec(name="serial0")])
+    parallel: ParallelSpec | None = None
+    graphics: GraphicsSpec = Field(default_factory=GraphicsSpec)
+    autostart: bool = False
+
+    @field_validator("uuid")
+    @classmethod
+    def _uuid(cls, value: str) -> str:
+        try:
+            return str(uuidlib.UUID(value))
+        except ValueError:
+            raise ValueError("must be a UUID") from None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        names = [d.name for d in self.disks] + [n.name for n in self.nics]
+        names += [s.name for s in self.serials]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"device names must be unique, repeated: {', '.join(dupes)}")
+        macs = [n.mac for n in self.nics]
+        if len(set(macs)) != len(macs):
+            raise ValueError("NIC MAC addresses must be unique")
+        if len(self.serials) > 4:
+            raise ValueError("at most 4 serial ports")
+        if self.machine == "microvm":
+            if self.boot.kind != "kernel":
+                raise ValueError("machine 'microvm' needs kernel boot")
+            if self.cdrom is not None or any(d.bus != "virtio" for d in self.disks):
+                raise ValueError("machine 'microvm' supports only virtio disks and no CD-ROM")
+        return self
+
+    def disk(self, name: str) -> DiskSpec | None:
+        return next((d for d in self.disks if d.name == name), None)
+
+    def next_device_name(self, prefix: str) -> str:
+        """The first free ``<prefix><n>`` among the VM's device names."""
+        taken = {d.name for d in self.disks} | {n.name for n in self.nics}
+        taken |= {s.name for s in self.serials}
+        n = 0
+        while f"{prefix}{n}" in taken:
+            n += 1
+        return f"{prefix}{n}"
+
+
+_TAGS = ("kernel", "firmware")
+
+
+def _field_of(error: Any) -> str:
+    loc = [str(part) for part in error.get("loc", ())]
+    # pydantic puts the tag of a tagged union into the location: boot.kernel.initrd.
+    loc = [p for i, p in enumerate(loc) if not (i > 0 and loc[i - 1] == "boot" and p in _TAGS)]
+    return ".".join(loc) or "spec"
+
+
+def _reason_of(error: Any) -> str:
+    msg = str(error.get("msg", "invalid"))
+    if error.get("type") == "extra_forbidden":
+        return "unknown field"
+    return msg.removeprefix("Value error, ")
+
+
+def invalid_argument(exc: ValidationError, prefix: str = "") -> InvalidArgument:
+    """The first problem of a pydantic ``ValidationError`` as one ``InvalidArgument``."""
+    first = exc.errors()[0]
+    field = _field_of(first)
+    return InvalidArgument(f"{prefix}{field}" if prefix else field, _reason_of(first))
+
+
+def parse_spec(data: dict[str, Any]) -> VmSpec:
+    """Build a ``VmSpec`` from plain data; raise ``InvalidArgument`` on the first problem."""
+    try:
+        return VmSpec.model_validate(data)
+    except ValidationError as exc:
+        raise invalid_argument(exc) from None
