@@ -1,0 +1,356 @@
+"""The QEMU command line for a VM: a pure function of its spec, its paths and the accelerator.
+
+Conventions the rest of the engine relies on (QMP commands address devices and block
+nodes by these names):
+
+- a disk ``<d>`` is the block nodes ``<d>-file`` (protocol) and ``<d>-fmt`` (format) and
+  the device ``<d>``; the CD-ROM is the device ``cdrom0`` (nodes ``cdrom0-file`` and
+  ``cdrom0-fmt`` while an ISO is in it); a NIC ``<n>`` is the netdev ``<n>-net`` and the
+  device ``<n>``; a serial port ``<s>`` is the chardev ``<s>``; the SCSI controller is
+  ``scsi0``, the VGA card ``video0``.
+- on q35 every cold-plugged PCI device sits on its own ``pcie-root-port`` (``rp0``,
+  ``rp1``, ...) and ``hotplug_ports`` names the spare ones left free for hot-add; on pc
+  PCI devices go on ``pci.0``; microvm has no hotplug.
+- QEMU is never told to daemonize: the caller detaches the process itself.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from thinvisor.errors import InvalidArgument
+from thinvisor.host.engine.accel import AccelChoice
+from thinvisor.host.engine.paths import VmPaths
+from thinvisor.model.vm import CdromSpec, DiskSpec, FirmwareBoot, KernelBoot, MachineType, VmSpec
+
+#: Free root ports a q35 VM always has for hot-add.
+SPARE_ROOT_PORTS = 8
+CDROM_ID = "cdrom0"
+SCSI_ID = "scsi0"
+VGA_ID = "video0"
+NIC_DEVICES = {"virtio": "virtio-net-pci", "e1000": "e1000", "rtl8139": "rtl8139"}
+SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+
+# Free slots on the root bus (as QEMU 7.2 counts them): q35 keeps 00.0 (host bridge) and
+# 1f.x (ICH9), pc keeps 00.0 and 01.x (PIIX3), microvm only 00.0.
+_ROOT_BUS_SLOTS: dict[MachineType, int] = {"q35": 30, "pc": 30, "microvm": 31}
+_ROOT_BUS: dict[MachineType, str] = {"q35": "pcie.0", "pc": "pci.0", "microvm": "pcie.0"}
+# Where IDE devices can go; the CD-ROM takes its place first, disks take the rest in order.
+_IDE_POSITIONS: dict[MachineType, list[str]] = {
+    "pc": ["bus=ide.0,unit=0", "bus=ide.0,unit=1", "bus=ide.1,unit=0", "bus=ide.1,unit=1"],
+    "q35": [f"bus=ide.{n}" for n in range(6)],
+    "microvm": [],
+}
+_IDE_CDROM: dict[MachineType, str] = {"pc": "bus=ide.1,unit=0", "q35": "bus=ide.2"}
+
+
+def escape_option(value: str | Path) -> str:
+    """A value for a QEMU ``key=value,...`` option: commas doubled, as QEMU expects."""
+    return str(value).replace(",", ",,")
+
+
+def _json(value: dict[str, Any]) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
+def _options(head: str, **opts: str | int | None) -> str:
+    """``head,key=value,...`` with the None values left out (keys use '_' for '-')."""
+    parts = [head] + [f"{k.replace('_', '-')}={v}" for k, v in opts.items() if v is not None]
+    return ",".join(parts)
+
+
+def _vga(spec: VmSpec) -> bool:
+    return spec.graphics.kind == "vnc" and spec.machine != "microvm"
+
+
+def _needs_scsi(spec: VmSpec) -> bool:
+    cdrom = spec.cdrom is not None and spec.cdrom.bus == "scsi"
+    return cdrom or any(d.bus == "scsi" for d in spec.disks)
+
+
+def _pci_device_count(spec: VmSpec) -> int:
+    """Cold-plugged PCI devices that need a slot (q35: a root port each); VGA not counted."""
+    virtio_disks = sum(d.bus == "virtio" for d in spec.disks)
+    return virtio_disks + int(_needs_scsi(spec)) + len(spec.nics)
+
+
+def _root_ports(spec: VmSpec) -> int:
+    """How many root ports a q35 VM gets: one per PCI device plus the spares."""
+    return _pci_device_count(spec) + SPARE_ROOT_PORTS
+
+
+def hotplug_ports(spec: VmSpec) -> list[str]:
+    """Where hot-added PCI devices go (``bus=<port>``): q35's spare root ports, pc's
+    ``pci.0``, nothing on microvm."""
+    if spec.machine == "pc":
+        return ["pci.0"]
+    if spec.machine == "microvm":
+        return []
+    used = _pci_device_count(spec)
+    return [f"rp{n}" for n in range(used, used + SPARE_ROOT_PORTS)]
+
+
+def _check_slots(spec: VmSpec) -> None:
+    needed = _root_ports(spec) if spec.machine == "q35" else _pci_device_count(spec)
+    needed += int(_vga(spec))
+    free = _ROOT_BUS_SLOTS[spec.machine]
+    if needed > free:
+        field = "nics" if spec.nics else "disks"
+        spares = f" (with {SPARE_ROOT_PORTS} spare root ports)" if spec.machine == "q35" else ""
+        raise InvalidArgument(
+            field,
+            f"too many PCI devices: {needed} slots needed{spares}, "
+            f"machine {spec.machine!r} has {free}",
+        )
+
+
+@dataclass
+class _PciBus:
+    """Hands out a bus to each cold-plugged PCI device, in command-line order."""
+
+    machine: MachineType
+    used: int = 0
+
+    def next(self) -> str:
+        if self.machine != "q35":
+            return _ROOT_BUS[self.machine]
+        self.used += 1
+        return f"rp{self.used - 1}"
+
+
+def _machine(spec: VmSpec, accel: AccelChoice) -> list[str]:
+    machine = "microvm,pcie=on,rtc=on" if spec.machine == "microvm" else spec.machine
+    argv = ["-machine", f"{machine},accel={accel.name}"]
+    if accel.name == "kvm":
+        argv += ["-cpu", "host"]
+    return argv
+
+
+def _base(spec: VmSpec, paths: VmPaths, accel: AccelChoice, incoming: bool) -> list[str]:
+    argv = [
+        *("-name", f"{spec.name},debug-threads=on", "-uuid", spec.uuid),
+        *("-nodefaults", "-no-user-config"),
+        *_machine(spec, accel),
+        *("-m", str(spec.memory_mib), "-smp", str(spec.vcpus), "-display", "none"),
+        *("-pidfile", str(paths.pidfile)),
+        *("-qmp", f"unix:{escape_option(paths.qmp_socket)},server=on,wait=off"),
+        *("-sandbox", SANDBOX, "-msg", "timestamp=on", "-rtc", "base=utc"),
+    ]
+    if incoming:
+        argv += ["-incoming", "defer"]
+    return argv
+
+
+def _kernel_boot(spec: VmSpec, boot: KernelBoot, paths: VmPaths, tsc_khz: int | None) -> list[str]:
+    argv = ["-kernel", str(paths.resolve(boot.kernel))]
+    if boot.initrd is not None:
+        argv += ["-initrd", str(paths.resolve(boot.initrd))]
+    cmdline = boot.cmdline
+    if spec.machine == "microvm" and tsc_khz is not None:
+        # Without it microvm hangs now and then calibrating the TSC (no HPET, no PM timer).
+        cmdline = f"{cmdline} tsc_early_khz={tsc_khz}".lstrip()
+    if cmdline:
+        argv += ["-append", cmdline]
+    return argv
+
+
+def _boot_indexes(spec: VmSpec) -> dict[str, int]:
+    """Device id -> bootindex, in the order of ``spec.boot.order`` (firmware boot only)."""
+    if not isinstance(spec.boot, FirmwareBoot):
+        return {}
+    ids = {
+        "disk": spec.disks[0].name if spec.disks else None,
+        "cdrom": CDROM_ID if spec.cdrom is not None else None,
+        "network": spec.nics[0].name if spec.nics else None,
+    }
+    present = [ids[device] for device in spec.boot.order if ids[device] is not None]
+    return {device_id: n for n, device_id in enumerate(present, start=1) if device_id}
+
+
+def disk_nodes(disk: DiskSpec, paths: VmPaths) -> list[dict[str, Any]]:
+    """The block nodes of a disk, protocol first: ``-blockdev`` or QMP ``blockdev-add``."""
+    ro = {"read-only": True} if disk.readonly else {}
+    file_node = {
+        "driver": "file",
+        "node-name": f"{disk.name}-file",
+        "filename": str(paths.resolve(disk.path)),
+        "cache": {"direct": False},
+        "discard": "unmap",
+        **ro,
+    }
+    fmt_node = {
+        "driver": disk.format,
+        "node-name": f"{disk.name}-fmt",
+        "file": f"{disk.name}-file",
+        "discard": "unmap",
+        **ro,
+    }
+    return [file_node, fmt_node]
+
+
+def cdrom_nodes(path: str, paths: VmPaths) -> list[dict[str, Any]]:
+    """The block nodes of an ISO in the CD-ROM drive, protocol first."""
+    return [
+        {
+            "driver": "file",
+            "node-name": f"{CDROM_ID}-file",
+            "filename": str(paths.resolve(path)),
+            "read-only": True,
+        },
+        {
+            "driver": "raw",
+            "node-name": f"{CDROM_ID}-fmt",
+            "file": f"{CDROM_ID}-file",
+            "read-only": True,
+        },
+    ]
+
+
+def _blockdevs(nodes: list[dict[str, Any]]) -> list[str]:
+    # The JSON form: file names with commas need no escaping.
+    return [arg for node in nodes for arg in ("-blockdev", _json(node))]
+
+
+def _ide_positions(spec: VmSpec) -> tuple[str | None, list[str]]:
+    """The CD-ROM's IDE position (if it is on IDE) and one position per IDE disk."""
+    free = list(_IDE_POSITIONS[spec.machine])
+    cdrom = None
+    if spec.cdrom is not None and spec.cdrom.bus == "ide":
+        cdrom = _IDE_CDROM[spec.machine]
+        free.remove(cdrom)
+    ide_disks = [d.name for d in spec.disks if d.bus == "ide"]
+    if len(ide_disks) > len(free):
+        raise InvalidArgument(
+            "disks",
+            f"too many IDE devices: machine {spec.machine!r} has room for {len(free)} "
+            f"IDE disks{' beside the CD-ROM' if cdrom else ''}, {len(ide_disks)} given",
+        )
+    return cdrom, free[: len(ide_disks)]
+
+
+def _disk_device(disk: DiskSpec, pci: _PciBus, ide_free: list[str], index: int | None) -> str:
+    drive = f"{disk.name}-fmt"
+    if disk.bus == "virtio":
+        bus = pci.next()
+        return _options("virtio-blk-pci", drive=drive, id=disk.name, bus=bus, bootindex=index)
+    if disk.bus == "scsi":
+        return _options(f"scsi-hd,bus={SCSI_ID}.0", drive=drive, id=disk.name, bootindex=index)
+    if disk.readonly:
+        # QEMU 7.2 refuses it: "Block node is read-only" (ide-hd has no read-only mode).
+        raise InvalidArgument(f"disks.{disk.name}.readonly", "an IDE disk cannot be read-only")
+    return _options(f"ide-hd,{ide_free.pop(0)}", drive=drive, id=disk.name, bootindex=index)
+
+
+def _storage(spec: VmSpec, paths: VmPaths, pci: _PciBus, boot: dict[str, int]) -> list[str]:
+    cdrom_pos, ide_free = _ide_positions(spec)
+    argv: list[str] = []
+    if _needs_scsi(spec):
+        argv += ["-device", _options("virtio-scsi-pci", id=SCSI_ID, bus=pci.next())]
+    for disk in spec.disks:
+        argv += _blockdevs(disk_nodes(disk, paths))
+        argv += ["-device", _disk_device(disk, pci, ide_free, boot.get(disk.name))]
+    if spec.cdrom is not None:
+        argv += _cdrom(spec.cdrom, paths, cdrom_pos, boot.get(CDROM_ID))
+    return argv
+
+
+def _cdrom(cdrom: CdromSpec, paths: VmPaths, ide_pos: str | None, index: int | None) -> list[str]:
+    argv: list[str] = []
+    drive = None
+    if cdrom.path is not None:
+        argv += _blockdevs(cdrom_nodes(cdrom.path, paths))
+        drive = f"{CDROM_ID}-fmt"
+    # Empty, the device has no drive: QMP blockdev-change-medium id=cdrom0 inserts one.
+    bus = ide_pos if cdrom.bus == "ide" else f"bus={SCSI_ID}.0"
+    dev = _options(f"{cdrom.bus}-cd", drive=drive, id=CDROM_ID)
+    return [*argv, "-device", _options(f"{dev},{bus}", bootindex=index)]
+
+
+def _nics(spec: VmSpec, pci: _PciBus, boot: dict[str, int]) -> list[str]:
+    argv: list[str] = []
+    for nic in spec.nics:
+        if nic.network != "user":
+            raise InvalidArgument(f"nics.{nic.name}.network", f"unknown network {nic.network!r}")
+        netdev = f"{nic.name}-net"
+        argv += ["-netdev", f"user,id={netdev}"]
+        dev = _options(
+            NIC_DEVICES[nic.model],
+            netdev=netdev,
+            mac=nic.mac,
+            id=nic.name,
+            bus=pci.next(),
+            bootindex=boot.get(nic.name),
+        )
+        argv += ["-device", dev]
+    return argv
+
+
+def _serials(spec: VmSpec, paths: VmPaths) -> list[str]:
+    argv: list[str] = []
+    for n, serial in enumerate(spec.serials):
+        sock = escape_option(paths.serial_socket(serial.name))
+        logfile = escape_option(paths.serial_log(serial.name))
+        chardev = f"socket,id={serial.name},path={sock},server=on,wait=off"
+        argv += ["-chardev", f"{chardev},logfile={logfile},logappend=on"]
+        if spec.machine == "microvm" and n > 0:
+            # microvm builds one ISA serial port and silently drops further -serial.
+            argv += ["-device", f"isa-serial,chardev={serial.name},index={n}"]
+        else:
+            argv += ["-serial", f"chardev:{serial.name}"]
+    return argv
+
+
+def _parallel(spec: VmSpec, paths: VmPaths) -> list[str]:
+    if spec.parallel is None or not spec.parallel.enabled:
+        return []
+    argv = ["-chardev", f"file,id=parallel0,path={escape_option(paths.parallel_log)}"]
+    if spec.machine == "microvm":
+        # microvm ignores -parallel; the ISA device works.
+        return [*argv, "-device", "isa-parallel,chardev=parallel0"]
+    return [*argv, "-parallel", "chardev:parallel0"]
+
+
+def _graphics(spec: VmSpec, paths: VmPaths) -> list[str]:
+    if not _vga(spec):
+        return []
+    vga = _options("VGA", id=VGA_ID, bus=_ROOT_BUS[spec.machine])
+    return ["-vnc", f"unix:{escape_option(paths.vnc_socket)}", "-device", vga]
+
+
+def _root_port_devices(spec: VmSpec) -> list[str]:
+    if spec.machine != "q35":
+        return []
+    argv: list[str] = []
+    for n in range(_root_ports(spec)):
+        port = _options("pcie-root-port", id=f"rp{n}", chassis=n + 1, slot=n + 1, bus="pcie.0")
+        argv += ["-device", port]
+    return argv
+
+
+def build_argv(
+    spec: VmSpec,
+    paths: VmPaths,
+    accel: AccelChoice,
+    *,
+    qemu_binary: str = "qemu-system-x86_64",
+    incoming: bool = False,
+    tsc_khz: int | None = None,
+) -> list[str]:
+    """The full QEMU command line for ``spec``; raises ``InvalidArgument`` for what QEMU
+    cannot build (too many IDE or PCI devices, an unknown network)."""
+    _check_slots(spec)
+    pci = _PciBus(spec.machine)
+    boot = _boot_indexes(spec)
+    argv = [qemu_binary, *_base(spec, paths, accel, incoming)]
+    if isinstance(spec.boot, KernelBoot):
+        argv += _kernel_boot(spec, spec.boot, paths, tsc_khz)
+    argv += _graphics(spec, paths)  # first, so VGA gets the first free slot (00:01.0 / 00:02.0)
+    argv += _root_port_devices(spec)
+    argv += _storage(spec, paths, pci, boot)
+    argv += _nics(spec, pci, boot)
+    argv += _serials(spec, paths)
+    argv += _parallel(spec, paths)
+    return argv
