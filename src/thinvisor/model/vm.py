@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 import uuid as uuidlib
-from typing import Annotated, Any, Literal, Self
+from typing import Annotated, Any, Literal, Self, TypeVar
 
 from pydantic import (
     AfterValidator,
@@ -24,6 +24,7 @@ from pydantic import (
 from thinvisor.errors import InvalidArgument
 
 NAME_MAX = 64
+M = TypeVar("M", bound=BaseModel)
 MEMORY_MIN_MIB = 32
 VCPUS_MAX = 255
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -242,9 +243,14 @@ def invalid_argument(exc: ValidationError, prefix: str = "") -> InvalidArgument:
     return InvalidArgument(f"{prefix}{field}" if prefix else field, _reason_of(first))
 
 
-def parse_spec(data: dict[str, Any]) -> VmSpec:
-    """Build a ``VmSpec`` from plain data; raise ``InvalidArgument`` on the first problem."""
+def validate(model: type[M], data: Any) -> M:
+    """Build ``model`` from plain data; raise ``InvalidArgument`` on the first problem."""
     try:
-        return VmSpec.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as exc:
         raise invalid_argument(exc) from None
+
+
+def parse_spec(data: dict[str, Any]) -> VmSpec:
+    """Build a ``VmSpec`` from plain data; raise ``InvalidArgument`` on the first problem."""
+    return validate(VmSpec, data)

@@ -1,0 +1,619 @@
+"""The host's actions on VMs, with state gating. CLI, REST and CIM all call these.
+
+Every action takes the VM's lock, reads its state, refuses with ``InvalidState`` if the
+state does not allow it, and only then acts. The configuration is on disk before QEMU
+starts, and every change to it is written atomically.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import shutil
+import signal
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+
+from thinvisor.config import HostConfig
+from thinvisor.errors import (
+    AlreadyExists,
+    InsufficientResources,
+    InvalidArgument,
+    NotFound,
+    QemuError,
+)
+from thinvisor.fs import fsync_dir
+from thinvisor.host import hostinfo
+from thinvisor.host.engine import process
+from thinvisor.host.engine.accel import AccelChoice, choose_accel
+from thinvisor.host.engine.argv import build_argv, hotplug_ports
+from thinvisor.host.engine.paths import VmPaths
+from thinvisor.host.engine.qmp import Monitor
+from thinvisor.host.inventory import Inventory, VmEntry, save_spec
+from thinvisor.host.state import Action, PowerState, check_allowed, power_state_of
+from thinvisor.model.vm import (
+    CdromSpec,
+    DiskBus,
+    DiskFormat,
+    DiskSpec,
+    KernelBoot,
+    NicSpec,
+    StrictModel,
+    VmSpec,
+)
+from thinvisor.storage.disk import Images
+
+log = logging.getLogger(__name__)
+
+MAC_PREFIX = "02:74:76"  # locally administered, unicast: "tv"
+
+
+@dataclass(frozen=True)
+class VmInfo:
+    """What a caller sees of a VM: its spec, state and where its files are."""
+
+    name: str
+    datastore: str
+    state: str  # a PowerState value, or "invalid"
+    spec: VmSpec | None
+    paths: VmPaths
+    error: str | None = None
+    pid: int | None = None
+    qemu_status: str | None = None
+    stop_reason: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "datastore": self.datastore,
+            "state": self.state,
+            "error": self.error,
+            "pid": self.pid,
+            "qemu_status": self.qemu_status,
+            "stop_reason": self.stop_reason,
+            "vm_dir": str(self.paths.vm_dir),
+            "serial_log": str(self.paths.serial_log("serial0")),
+            "spec": self.spec.model_dump(mode="json") if self.spec else None,
+        }
+
+
+class NewDisk(StrictModel):
+    """A disk to create with a new VM or to add to one."""
+
+    size: int | None = Field(default=None, gt=0)  # a new, empty, thin image of this many bytes
+    source: Path | None = None  # or a copy of this image (any format qemu-img reads)
+    bus: DiskBus = "virtio"
+    format: DiskFormat = "qcow2"
+
+
+@dataclass
+class CreateOptions:
+    datastore: str | None = None
+    new_disks: list[NewDisk] = field(default_factory=list)
+    # Files copied into the VM's directory and referred to by the spec's boot section.
+    kernel_source: Path | None = None
+    initrd_source: Path | None = None
+
+
+class HostService:
+    """The host's VM actions."""
+
+    def __init__(
+        self,
+        config: HostConfig,
+        *,
+        accel: Callable[[], AccelChoice] | None = None,
+        facts: Callable[[], hostinfo.HostFacts] = hostinfo.host_facts,
+    ):
+        self.config = config
+        self.inventory = Inventory(config)
+        self.images = Images(config.qemu_img_binary)
+        self._accel_fn = accel or (lambda: choose_accel(config.accel))
+        self._facts = facts
+
+    def accel(self) -> AccelChoice:
+        """The accelerator VMs start with, and why."""
+        return self._accel_fn()
+
+    # Reading
+
+    async def state_of(self, entry: VmEntry) -> tuple[PowerState, int | None, str | None]:
+        """The VM's power state, QEMU's pid and QEMU's own run state."""
+        pid = process.running_pid(entry.paths)
+        if pid is None:
+            suspended = entry.paths.suspend_state.exists()
+            return (PowerState.SUSPENDED if suspended else PowerState.STOPPED), None, None
+        try:
+            async with Monitor(entry.name, entry.paths.qmp_socket, connect_timeout=5) as mon:
+                status = await mon.status()
+        except QemuError:
+            if process.running_pid(entry.paths) is None:  # it ended while we asked
+                return await self.state_of(entry)
+            raise
+        return power_state_of(status), pid, status
+
+    async def info(self, entry: VmEntry) -> VmInfo:
+        if entry.spec is None:
+            return VmInfo(entry.name, entry.datastore, "invalid", None, entry.paths, entry.error)
+        state, pid, status = await self.state_of(entry)
+        reason = None
+        if state in (PowerState.STOPPED, PowerState.SUSPENDED):
+            reason = process.exit_reason(entry.paths)
+        return VmInfo(
+            entry.name,
+            entry.datastore,
+            state.value,
+            entry.spec,
+            entry.paths,
+            pid=pid,
+            qemu_status=status,
+            stop_reason=reason,
+        )
+
+    async def list_vms(self) -> list[VmInfo]:
+        return [await self.info(e) for e in self.inventory.entries()]
+
+    async def get_vm(self, name: str) -> VmInfo:
+        return await self.info(self.inventory.get(name))
+
+    # Creating and deleting
+
+    async def create_vm(self, spec: VmSpec, options: CreateOptions | None = None) -> VmInfo:
+        """Create a VM directory with its disks and configuration, all or nothing."""
+        options = options or CreateOptions()
+        datastore = self.config.datastore(options.datastore)
+        self._check_resources(spec)
+        spec = self._with_macs(spec)
+        async with self.inventory.lock(".inventory"):
+            if self.inventory.find(spec.name) is not None:
+                raise AlreadyExists(f"vm {spec.name!r} already exists")
+            final = self.inventory.paths(datastore, spec.name)
+            datastore.path.mkdir(parents=True, exist_ok=True)
+            # Build the directory under a hidden name, then rename: a crash leaves
+            # nothing that looks like a VM.
+            staging = Path(tempfile.mkdtemp(prefix=f".{spec.name}.creating-", dir=datastore.path))
+            try:
+                building = VmPaths(staging, final.run_dir)
+                spec = await self._populate(spec, options, building, final)
+                self._check_paths(spec, building)
+                save_spec(building, spec)
+                fsync_dir(staging)
+                staging.rename(final.vm_dir)
+                fsync_dir(datastore.path)
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
+        log.info("vm %s: created in datastore %s", spec.name, datastore.name)
+        return await self.get_vm(spec.name)
+
+    async def _populate(
+        self, spec: VmSpec, options: CreateOptions, building: VmPaths, final: VmPaths
+    ) -> VmSpec:
+        (building.vm_dir / "logs").mkdir()
+        if options.kernel_source is not None:
+            if not isinstance(spec.boot, KernelBoot):
+                raise InvalidArgument("boot", "a kernel file needs kernel boot")
+            boot = spec.boot.model_copy()
+            boot.kernel = await _copy_in(
+                options.kernel_source, building.vm_dir, "vmlinuz", "kernel"
+            )
+            if options.initrd_source is not None:
+                boot.initrd = await _copy_in(
+                    options.initrd_source, building.vm_dir, "initrd.img", "initrd"
+                )
+            spec = spec.model_copy(update={"boot": boot})
+        disks = list(spec.disks)
+        for new in options.new_disks:
+            probe = spec.model_copy(update={"disks": disks})
+            disks.append(await self._make_disk(probe, new, building.vm_dir))
+        return VmSpec.model_validate(
+            {**spec.model_dump(), "disks": [d.model_dump() for d in disks]}
+        )
+
+    async def _make_disk(self, spec: VmSpec, new: NewDisk, vm_dir: Path) -> DiskSpec:
+        name = spec.next_device_name("disk")
+        filename = f"{name}.{new.format}"
+        target = vm_dir / filename
+        if new.source is not None:
+            source = self._existing_path(new.source, "disk", vm_dir)
+            await self.images.convert(source, target, new.format)
+            if new.size is not None:
+                info = await self.images.info(target)
+                if new.size < info.virtual_size:
+                    target.unlink()
+                    raise InvalidArgument("size", "must not be smaller than the imported image")
+                await self.images.resize(target, new.format, new.size)
+        elif new.size is not None:
+            await self.images.create(target, new.format, new.size)
+        else:
+            raise InvalidArgument("disk", "give a size or an image to import")
+        return DiskSpec.model_validate(
+            {"name": name, "path": filename, "format": new.format, "bus": new.bus}
+        )
+
+    def _existing_path(self, path: Path, field_name: str, vm_dir: Path | None = None) -> Path:
+        """A file that exists inside a datastore (or the VM's own directory)."""
+        full = path if path.is_absolute() or vm_dir is None else vm_dir / path
+        if not full.is_file():
+            raise InvalidArgument(field_name, f"{path} does not exist")
+        inside_vm = vm_dir is not None and full.resolve().is_relative_to(vm_dir.resolve())
+        if not inside_vm and self.inventory.datastore_of(full) is None:
+            raise InvalidArgument(field_name, f"{path} is outside the host's datastores")
+        return full
+
+    def _check_paths(self, spec: VmSpec, paths: VmPaths) -> None:
+        for disk in spec.disks:
+            self._existing_path(Path(disk.path), f"disks.{disk.name}.path", paths.vm_dir)
+        if spec.cdrom is not None and spec.cdrom.path:
+            self._existing_path(Path(spec.cdrom.path), "cdrom.path", paths.vm_dir)
+        if isinstance(spec.boot, KernelBoot):
+            self._existing_path(Path(spec.boot.kernel), "boot.kernel", paths.vm_dir)
+            if spec.boot.initrd:
+                self._existing_path(Path(spec.boot.initrd), "boot.initrd", paths.vm_dir)
+        for nic in spec.nics:
+            if nic.network != "user":
+                raise InvalidArgument(
+                    f"nics.{nic.name}.network", f"network {nic.network!r} does not exist"
+                )
+
+    def _check_resources(self, spec: VmSpec) -> None:
+        facts = self._facts()
+        if spec.vcpus > facts.cpus:
+            raise InvalidArgument(
+                "vcpus", f"{spec.vcpus} is more than the host's {facts.cpus} CPUs"
+            )
+        if spec.memory_mib > facts.memory_available_mib:
+            raise InvalidArgument(
+                "memory_mib",
+                f"{spec.memory_mib} MiB is more than the host's free "
+                f"{facts.memory_available_mib} MiB",
+            )
+
+    def _with_macs(self, spec: VmSpec) -> VmSpec:
+        taken = self._macs_in_use()
+        for nic in spec.nics:
+            if nic.mac in taken:
+                raise InvalidArgument(
+                    f"nics.{nic.name}.mac", f"{nic.mac} is already used on this host"
+                )
+            taken.add(nic.mac)
+        return spec
+
+    def _macs_in_use(self) -> set[str]:
+        return {n.mac for e in self.inventory.entries() if e.spec for n in e.spec.nics}
+
+    def new_mac(self) -> str:
+        """A MAC address from thinvisor's prefix that no VM on this host uses."""
+        taken = self._macs_in_use()
+        while True:
+            mac = MAC_PREFIX + "".join(f":{b:02x}" for b in secrets.token_bytes(3))
+            if mac not in taken:
+                return mac
+
+    def new_nic(self, spec: VmSpec, network: str = "user", model: str = "virtio") -> NicSpec:
+        return NicSpec.model_validate(
+            {
+                "name": spec.next_device_name("net"),
+                "mac": self.new_mac(),
+                "network": network,
+                "model": model,
+            }
+        )
+
+    async def delete_vm(self, name: str) -> None:
+        """Remove a VM and every file in its directory. Refused while it runs."""
+        async with self.inventory.lock(name):
+            entry = self.inventory.get(name)
+            if entry.spec is not None:
+                state, _, _ = await self.state_of(entry)
+                check_allowed(name, state, Action.DELETE)
+            elif process.running_pid(entry.paths) is not None:
+                check_allowed(name, PowerState.RUNNING, Action.DELETE)
+            # Hide it first: a crash mid-delete leaves a hidden directory, not half a VM.
+            doomed = entry.paths.vm_dir.with_name(f".{name}.deleting-{secrets.token_hex(4)}")
+            entry.paths.vm_dir.rename(doomed)
+            fsync_dir(doomed.parent)
+            await asyncio.to_thread(shutil.rmtree, doomed, True)
+            shutil.rmtree(entry.paths.run_dir, ignore_errors=True)
+        log.info("vm %s: deleted", name)
+
+    # Power actions
+
+    async def _locked_state(self, name: str, action: Action) -> tuple[VmEntry, VmSpec, PowerState]:
+        entry, spec = self.inventory.get_valid(name)
+        state, _, _ = await self.state_of(entry)
+        check_allowed(name, state, action)
+        return entry, spec, state
+
+    async def start(self, name: str) -> VmInfo:
+        """Power on; a suspended VM resumes from its saved state."""
+        async with self.inventory.lock(name):
+            entry, spec, state = await self._locked_state(name, Action.START)
+            if state is PowerState.SUSPENDED:
+                await self._restore(entry, spec)
+            else:
+                self._check_resources(spec)
+                self._check_paths(spec, entry.paths)
+                await self._launch(entry, spec, incoming=False)
+        return await self.get_vm(name)
+
+    async def _launch(self, entry: VmEntry, spec: VmSpec, *, incoming: bool) -> None:
+        accel = self.accel()
+        log.info("vm %s: starting with %s (%s)", spec.name, accel.name, accel.reason)
+        argv = build_argv(
+            spec,
+            entry.paths,
+            accel,
+            qemu_binary=self.config.qemu_binary,
+            incoming=incoming,
+            tsc_khz=hostinfo.tsc_khz(),
+        )
+        process.spawn(argv, entry.paths)
+        await process.wait_started(entry.paths)
+
+    async def _restore(self, entry: VmEntry, spec: VmSpec) -> None:
+        """Start QEMU waiting for state, load the suspend file, then run."""
+        await self._launch(entry, spec, incoming=True)
+        state_file = entry.paths.suspend_state
+        try:
+            async with Monitor(spec.name, entry.paths.qmp_socket) as mon:
+                fd = os.open(state_file, os.O_RDONLY)
+                try:
+                    await mon.incoming_from_fd(fd)
+                finally:
+                    os.close(fd)
+                # The state lives in QEMU now. Drop the file before the guest runs, so
+                # that it can never be restored over newer disk contents.
+                state_file.unlink()
+                fsync_dir(state_file.parent)
+                await mon.cont()
+        except BaseException:
+            await self._force_off(entry, "restoring the suspended state failed")
+            raise
+
+    async def stop(self, name: str) -> VmInfo:
+        """Hard power off (a suspended VM's saved state is discarded)."""
+        async with self.inventory.lock(name):
+            entry, _, state = await self._locked_state(name, Action.STOP)
+            if state is PowerState.SUSPENDED:
+                entry.paths.suspend_state.unlink()
+                fsync_dir(entry.paths.vm_dir)
+            else:
+                await self._force_off(entry, "powered off by user")
+        return await self.get_vm(name)
+
+    async def _force_off(self, entry: VmEntry, reason: str) -> None:
+        pid = process.running_pid(entry.paths)
+        if pid is None:
+            return
+        process.record_stop(entry.paths, "stop", reason)
+        try:
+            async with Monitor(entry.name, entry.paths.qmp_socket, connect_timeout=5) as mon:
+                await mon.quit()
+        except QemuError as exc:
+            log.warning("vm %s: QMP quit failed (%s); terminating QEMU", entry.name, exc)
+            process.kill(pid, signal.SIGTERM)
+        if not await process.wait_gone(entry.paths, pid, 10):
+            process.kill(pid)
+            await process.wait_gone(entry.paths, pid, 10)
+
+    async def shutdown(self, name: str, timeout: float | None = None) -> VmInfo:
+        """ACPI power button; a hard power off if the guest has not gone after ``timeout``."""
+        timeout = self.config.shutdown_timeout_s if timeout is None else timeout
+        async with self.inventory.lock(name):
+            entry, _, _ = await self._locked_state(name, Action.SHUTDOWN)
+            pid = process.running_pid(entry.paths)
+            process.record_stop(entry.paths, "shutdown", "shut down by user (guest powered off)")
+            async with Monitor(name, entry.paths.qmp_socket) as mon:
+                await mon.system_powerdown()
+            if pid is not None and not await process.wait_gone(entry.paths, pid, timeout):
+                await self._force_off(
+                    entry, f"guest did not shut down within {timeout:g} s; powered off"
+                )
+        return await self.get_vm(name)
+
+    async def _simple(self, name: str, action: Action, verb: Callable[[Monitor], Any]) -> VmInfo:
+        async with self.inventory.lock(name):
+            entry, _, _ = await self._locked_state(name, action)
+            async with Monitor(name, entry.paths.qmp_socket) as mon:
+                await verb(mon)
+        return await self.get_vm(name)
+
+    async def reset(self, name: str) -> VmInfo:
+        return await self._simple(name, Action.RESET, lambda m: m.system_reset())
+
+    async def pause(self, name: str) -> VmInfo:
+        return await self._simple(name, Action.PAUSE, lambda m: m.stop())
+
+    async def resume(self, name: str) -> VmInfo:
+        """Continue a paused VM, or restore a suspended one from its saved state."""
+        async with self.inventory.lock(name):
+            entry, spec, state = await self._locked_state(name, Action.RESUME)
+            if state is PowerState.SUSPENDED:
+                await self._restore(entry, spec)
+            else:
+                async with Monitor(name, entry.paths.qmp_socket) as mon:
+                    await mon.cont()
+        return await self.get_vm(name)
+
+    async def suspend(self, name: str) -> VmInfo:
+        """Save the VM's memory and device state to disk, then end QEMU."""
+        async with self.inventory.lock(name):
+            entry, _, _ = await self._locked_state(name, Action.SUSPEND)
+            pid = process.running_pid(entry.paths)
+            final = entry.paths.suspend_state
+            partial = final.with_name(final.name + ".partial")
+            fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                async with Monitor(name, entry.paths.qmp_socket) as mon:
+                    await mon.stop()
+                    try:
+                        await mon.migrate_to_fd(fd)
+                        await asyncio.to_thread(os.fsync, fd)
+                    except BaseException:
+                        await mon.cont()
+                        raise
+                    process.record_stop(entry.paths, "suspend", "suspended by user")
+                    await mon.quit()
+            except BaseException:
+                partial.unlink(missing_ok=True)
+                raise
+            finally:
+                os.close(fd)
+            if pid is not None:
+                await process.wait_gone(entry.paths, pid, 30)
+            # Only once QEMU is gone does the state file become the VM's truth.
+            partial.rename(final)
+            fsync_dir(final.parent)
+        return await self.get_vm(name)
+
+    # Disks and CD-ROM
+
+    async def add_disk(self, name: str, new: NewDisk) -> DiskSpec:
+        """Create (or import) a disk and attach it; hot-plugged when the VM runs."""
+        async with self.inventory.lock(name):
+            entry, spec, state = await self._locked_state(name, Action.ADD_DISK)
+            if state is PowerState.RUNNING and new.bus != "virtio":
+                raise InvalidArgument("bus", "only virtio disks can be added to a running VM")
+            disk = await self._make_disk(spec, new, entry.paths.vm_dir)
+            try:
+                updated = spec.model_copy(update={"disks": [*spec.disks, disk]})
+                updated = VmSpec.model_validate(updated.model_dump())
+                if state is PowerState.RUNNING:
+                    await self._hotplug_disk(entry, spec, disk)
+                save_spec(entry.paths, updated)
+            except BaseException:
+                entry.paths.resolve(disk.path).unlink(missing_ok=True)
+                raise
+        return disk
+
+    async def _hotplug_disk(self, entry: VmEntry, spec: VmSpec, disk: DiskSpec) -> None:
+        path = str(entry.paths.resolve(disk.path))
+        async with Monitor(entry.name, entry.paths.qmp_socket) as mon:
+            port = await self._free_port(mon, spec)
+            await mon.blockdev_add(
+                {
+                    "driver": "file",
+                    "node-name": f"{disk.name}-file",
+                    "filename": path,
+                    "discard": "unmap",
+                }
+            )
+            try:
+                await mon.blockdev_add(
+                    {
+                        "driver": disk.format,
+                        "node-name": f"{disk.name}-fmt",
+                        "file": f"{disk.name}-file",
+                    }
+                )
+                try:
+                    device = {
+                        "driver": "virtio-blk-pci",
+                        "id": disk.name,
+                        "drive": f"{disk.name}-fmt",
+                    }
+                    if port != "pci.0":
+                        device["bus"] = port
+                    await mon.device_add(device)
+                except QemuError:
+                    await mon.blockdev_del(f"{disk.name}-fmt")
+                    raise
+            except QemuError:
+                await mon.blockdev_del(f"{disk.name}-file")
+                raise
+
+    async def _free_port(self, mon: Monitor, spec: VmSpec) -> str:
+        """A hotplug port with nothing plugged into it."""
+        candidates = hotplug_ports(spec)
+        if candidates == ["pci.0"]:
+            return "pci.0"
+        buses = await mon.command("query-pci")
+        used: set[str] = set()
+        for bus in buses:
+            for dev in bus.get("devices", []):
+                bridge = dev.get("pci_bridge")
+                if bridge and bridge.get("devices"):
+                    used.add(dev.get("qdev_id", ""))
+        for port in candidates:
+            if port not in used:
+                return port
+        raise InsufficientResources(f"vm {spec.name!r}: no free hotplug slot left; stop the VM")
+
+    async def remove_disk(self, name: str, disk_name: str, *, keep_file: bool = False) -> None:
+        async with self.inventory.lock(name):
+            entry, spec, state = await self._locked_state(name, Action.REMOVE_DISK)
+            disk = spec.disk(disk_name)
+            if disk is None:
+                raise NotFound(f"vm {name!r} has no disk {disk_name!r}")
+            if state is PowerState.RUNNING:
+                if disk.bus != "virtio":
+                    raise InvalidArgument("disk", "only virtio disks can be removed while running")
+                async with Monitor(name, entry.paths.qmp_socket) as mon:
+                    await mon.device_del(disk.name)
+                    await mon.blockdev_del(f"{disk.name}-fmt")
+                    await mon.blockdev_del(f"{disk.name}-file")
+            updated = spec.model_copy(update={"disks": [d for d in spec.disks if d is not disk]})
+            save_spec(entry.paths, updated)
+            path = entry.paths.resolve(disk.path)
+            if not keep_file and path.resolve().is_relative_to(entry.paths.vm_dir.resolve()):
+                path.unlink(missing_ok=True)
+
+    async def resize_disk(self, name: str, disk_name: str, size: int) -> DiskSpec:
+        """Grow a disk; online through QMP when QEMU has it open."""
+        async with self.inventory.lock(name):
+            entry, spec, state = await self._locked_state(name, Action.RESIZE_DISK)
+            disk = spec.disk(disk_name)
+            if disk is None:
+                raise NotFound(f"vm {name!r} has no disk {disk_name!r}")
+            path = entry.paths.resolve(disk.path)
+            info = await self.images.info(path)
+            if size < info.virtual_size:
+                raise InvalidArgument(
+                    "size", f"shrinking is not supported (now {info.virtual_size} bytes)"
+                )
+            if state is PowerState.STOPPED:
+                await self.images.resize(path, disk.format, size)
+            else:
+                async with Monitor(name, entry.paths.qmp_socket) as mon:
+                    await mon.block_resize(f"{disk.name}-fmt", size)
+        return disk
+
+    async def insert_cdrom(self, name: str, iso: Path) -> CdromSpec:
+        async with self.inventory.lock(name):
+            entry, spec, state = await self._locked_state(name, Action.CHANGE_CDROM)
+            if spec.cdrom is None:
+                raise InvalidArgument("cdrom", f"vm {name!r} has no CD-ROM drive")
+            full = self._existing_path(iso, "iso", entry.paths.vm_dir)
+            if state is not PowerState.STOPPED:
+                async with Monitor(name, entry.paths.qmp_socket) as mon:
+                    await mon.change_medium("cdrom0", str(full))
+            cdrom = spec.cdrom.model_copy(update={"path": str(full)})
+            save_spec(entry.paths, spec.model_copy(update={"cdrom": cdrom}))
+        return cdrom
+
+    async def eject_cdrom(self, name: str) -> CdromSpec:
+        async with self.inventory.lock(name):
+            entry, spec, state = await self._locked_state(name, Action.CHANGE_CDROM)
+            if spec.cdrom is None:
+                raise InvalidArgument("cdrom", f"vm {name!r} has no CD-ROM drive")
+            if state is not PowerState.STOPPED:
+                async with Monitor(name, entry.paths.qmp_socket) as mon:
+                    await mon.eject("cdrom0")
+            cdrom = spec.cdrom.model_copy(update={"path": None})
+            save_spec(entry.paths, spec.model_copy(update={"cdrom": cdrom}))
+        return cdrom
+
+
+async def _copy_in(source: Path, vm_dir: Path, name: str, field_name: str) -> str:
+    if not source.is_file():
+        raise InvalidArgument(field_name, f"{source} does not exist")
+    await asyncio.to_thread(shutil.copyfile, source, vm_dir / name)
+    return name

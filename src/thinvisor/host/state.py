@@ -1,0 +1,66 @@
+"""The VM lifecycle: power states, actions, and which action each state allows.
+
+Like Firecracker's action list, every action names the states it is allowed in; a call
+in any other state is refused with ``InvalidState`` before anything is done.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from thinvisor.errors import InvalidState
+
+
+class PowerState(StrEnum):
+    STOPPED = "stopped"
+    RUNNING = "running"
+    PAUSED = "paused"
+    SUSPENDED = "suspended"
+
+
+class Action(StrEnum):
+    START = "start"
+    STOP = "stop"
+    SHUTDOWN = "shut down"
+    RESET = "reset"
+    PAUSE = "pause"
+    RESUME = "resume"
+    SUSPEND = "suspend"
+    DELETE = "delete"
+    RECONFIGURE = "reconfigure"
+    ADD_DISK = "add a disk"
+    REMOVE_DISK = "remove a disk"
+    RESIZE_DISK = "resize a disk"
+    CHANGE_CDROM = "change the CD-ROM"
+
+
+_S = PowerState
+ALLOWED: dict[Action, frozenset[PowerState]] = {
+    # Powering on a suspended VM resumes it from its saved state, as on ESXi.
+    Action.START: frozenset({_S.STOPPED, _S.SUSPENDED}),
+    # Powering off a suspended VM discards its saved state.
+    Action.STOP: frozenset({_S.RUNNING, _S.PAUSED, _S.SUSPENDED}),
+    Action.SHUTDOWN: frozenset({_S.RUNNING}),
+    Action.RESET: frozenset({_S.RUNNING, _S.PAUSED}),
+    Action.PAUSE: frozenset({_S.RUNNING}),
+    Action.RESUME: frozenset({_S.PAUSED, _S.SUSPENDED}),
+    Action.SUSPEND: frozenset({_S.RUNNING, _S.PAUSED}),
+    Action.DELETE: frozenset({_S.STOPPED, _S.SUSPENDED}),
+    Action.RECONFIGURE: frozenset({_S.STOPPED}),
+    # A suspended VM's saved state describes its devices: they may not change.
+    Action.ADD_DISK: frozenset({_S.STOPPED, _S.RUNNING}),
+    Action.REMOVE_DISK: frozenset({_S.STOPPED, _S.RUNNING}),
+    Action.RESIZE_DISK: frozenset({_S.STOPPED, _S.RUNNING, _S.PAUSED}),
+    Action.CHANGE_CDROM: frozenset({_S.STOPPED, _S.RUNNING, _S.PAUSED}),
+}
+
+
+def check_allowed(vm: str, state: PowerState, action: Action) -> None:
+    """Raise ``InvalidState`` unless ``action`` is allowed in ``state``."""
+    if state not in ALLOWED[action]:
+        raise InvalidState(vm, state.value, action.value)
+
+
+def power_state_of(qemu_status: str) -> PowerState:
+    """Map QEMU's run state (``query-status``) onto thinvisor's power states."""
+    return PowerState.RUNNING if qemu_status == "running" else PowerState.PAUSED

@@ -1,0 +1,1 @@
+"""Storage: datastores and disk images (through qemu-img)."""
