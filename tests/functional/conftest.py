@@ -1,0 +1,38 @@
+"""Fixtures for functional tests: real QEMU guests booting the appliance under TCG."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from thinvisor.appliance import Appliance, build_appliance
+
+from .hostenv import TestHost
+
+CACHE_ENV = "THINVISOR_TEST_CACHE"
+DEFAULT_TEST_CACHE = Path("/var/cache/thinvisor-test")
+
+
+@pytest.fixture(scope="session")
+def appliance_cache() -> Path:
+    """The cache directory the test session builds the appliance into."""
+    return Path(os.environ.get(CACHE_ENV) or DEFAULT_TEST_CACHE)
+
+
+@pytest.fixture(scope="session")
+def appliance(appliance_cache: Path) -> Appliance:
+    """The quick-start appliance, built once per session (reused across sessions)."""
+    return build_appliance(appliance_cache)
+
+
+@pytest.fixture
+def host(appliance: Appliance) -> Iterator[TestHost]:
+    """A throwaway thinvisor host; every QEMU it started is ended afterwards."""
+    h = TestHost(appliance)
+    try:
+        yield h
+    finally:
+        h.close()
