@@ -6,8 +6,9 @@ BIN := $(VENV)/bin
 STAMPS := .stamps
 
 # Everything thinvisor and its tests need from Debian.
-APT_PACKAGES := qemu-system-x86 qemu-utils ovmf seabios ipxe-qemu busybox-static \
-	util-linux kmod cpio xorriso python3-venv python3-dev socat
+APT_PACKAGES := qemu-system-x86 qemu-utils seabios ipxe-qemu util-linux cpio \
+	python3-venv python3-dev \
+	xorriso isolinux syslinux syslinux-common mtools dosfstools
 
 .PHONY: all deps demo test lint unit functional clean
 

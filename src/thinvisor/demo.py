@@ -10,7 +10,7 @@ import re
 import sys
 import time
 
-from thinvisor.appliance import build_appliance
+from thinvisor.appliance import Appliance, build_appliance
 from thinvisor.config import load_config
 from thinvisor.errors import ThinvisorError
 from thinvisor.fs import tail
@@ -19,6 +19,8 @@ from thinvisor.model import VmSpec
 
 NAME = "demo"
 READY = re.compile(rb"THINVISOR-APPLIANCE-READY uptime=([0-9.]+)")
+# Terminal control sequences (the guest shell asks the terminal for its size).
+CONTROL = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
 def say(text: str) -> None:
@@ -26,10 +28,9 @@ def say(text: str) -> None:
     sys.stdout.flush()
 
 
-async def ensure_vm(service: HostService) -> VmInfo:
+async def ensure_vm(service: HostService, image: Appliance) -> VmInfo:
     if service.inventory.find(NAME) is not None:
         return await service.get_vm(NAME)
-    image = build_appliance(service.config.cache_dir, progress=lambda m: say(f"  {m}"))
     spec = VmSpec.model_validate(
         {
             "name": NAME,
@@ -67,8 +68,8 @@ async def wait_ready(info: VmInfo, offset: int, timeout: float = 120.0) -> bytes
 async def demo() -> None:
     service = HostService(load_config())
     say("building the quick-start appliance (cached after the first run)")
-    build_appliance(service.config.cache_dir, progress=lambda m: say(f"  {m}"))
-    info = await ensure_vm(service)
+    image = build_appliance(service.config.cache_dir, progress=lambda m: say(f"  {m}"))
+    info = await ensure_vm(service, image)
     log = info.paths.serial_log("serial0")
     offset = 0
     if info.state in ("stopped", "suspended"):
@@ -79,7 +80,8 @@ async def demo() -> None:
         info = await service.resume(NAME)
     console = await wait_ready(info, offset)
     say(f"\nVM {NAME!r} is {info.state}. Its serial console said:\n")
-    for line in console.decode(errors="replace").splitlines()[-15:]:
+    text = CONTROL.sub("", console.decode(errors="replace"))
+    for line in text.splitlines()[-15:]:
         say(f"  | {line.rstrip()}")
     thinvisor = ".venv/bin/thinvisor"
     say(

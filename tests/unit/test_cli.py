@@ -169,3 +169,15 @@ def test_delete(env: dict[str, str]) -> None:
     tv(env, "vm", "create", "vm1", "--memory", "64", "--disk", "8M")
     assert tv(env, "vm", "delete", "vm1") == "vm1: deleted\n"
     assert datastore(env) == []
+
+
+def test_boot_order(env: dict[str, str]) -> None:
+    tv(env, "vm", "create", "vm1", "--memory", "64", "--boot-order", "cdrom,disk")
+    shown = json.loads(tv(env, "vm", "show", "vm1", "--json"))
+    assert shown["spec"]["boot"] == {"kind": "firmware", "order": ["cdrom", "disk"]}
+    err = tv(env, "vm", "create", "vm2", "--boot-order", "floppy", code=1)
+    assert err.startswith("error: boot.order.0: Input should be 'disk', 'cdrom' or 'network'")
+    err = tv(env, "vm", "create", "vm2", "--boot-order", "disk,disk", code=1)
+    assert err == "error: boot.order: must not repeat a device\n"
+    err = tv(env, "vm", "create", "vm2", "--kernel", "/k", "--boot-order", "disk", code=1)
+    assert err == "error: boot-order: applies to firmware boot, not a kernel\n"

@@ -65,6 +65,10 @@ def create(
     ] = False,
     kernel: Annotated[Path | None, typer.Option(help="Boot this kernel directly.")] = None,
     initrd: Annotated[Path | None, typer.Option(help="The initrd for --kernel.")] = None,
+    boot_order: Annotated[
+        str | None,
+        typer.Option(help="Firmware boot order without a kernel, like cdrom,disk [disk,cdrom]."),
+    ] = None,
     cmdline: Annotated[
         str, typer.Option(help="Kernel command line (added to the appliance's).")
     ] = "",
@@ -127,6 +131,10 @@ def create(
             if initrd is not None:
                 data["boot"]["initrd"] = "initrd.img"
                 options.initrd_source = initrd.absolute()
+        if boot_order is not None:
+            if "boot" in data:
+                raise InvalidArgument("boot-order", "applies to firmware boot, not a kernel")
+            data["boot"] = {"kind": "firmware", "order": boot_order.split(",")}
         if not no_cdrom and machine != "microvm":
             data["cdrom"] = {"path": str(cdrom.absolute()) if cdrom else None}
             if appliance:
