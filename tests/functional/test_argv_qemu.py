@@ -22,7 +22,7 @@ import pytest
 from qemu.qmp import QMPClient
 
 from thinvisor.host.engine.accel import AccelChoice
-from thinvisor.host.engine.argv import build_argv, hotplug_ports
+from thinvisor.host.engine.argv import ROOT_PORTS, build_argv, pci_placement
 from thinvisor.host.engine.paths import VmPaths
 from thinvisor.model.vm import VmSpec, parse_spec
 
@@ -205,7 +205,6 @@ def test_pc_every_bus(paths: VmPaths, start: Any) -> None:
     inserted = blocks(after)["cdrom0"]
     assert inserted is not None
     assert inserted["file"] == iso
-    assert hotplug_ports(vm) == ["pci.0"]
 
 
 def test_q35_root_ports_and_scsi_cdrom(paths: VmPaths, start: Any) -> None:
@@ -222,8 +221,8 @@ def test_q35_root_ports_and_scsi_cdrom(paths: VmPaths, start: Any) -> None:
         ],
         boot={"kind": "firmware", "order": ["cdrom", "disk", "network"]},
     )
-    spare = hotplug_ports(vm)
-    assert spare == [f"rp{n}" for n in range(4, 12)]
+    free = vm.with_pci_slots().free_pci_slot()
+    assert free == 4
     qemu = start(build_argv(vm, paths, TCG))
     status, block, *where, pci, _, _ = qemu.qmp(
         ("query-status", None),
@@ -233,12 +232,17 @@ def test_q35_root_ports_and_scsi_cdrom(paths: VmPaths, start: Any) -> None:
         ("netdev_add", {"type": "user", "id": "hot-net"}),
         (
             "device_add",
-            {"driver": "virtio-net-pci", "id": "hot", "netdev": "hot-net", "bus": spare[0]},
+            {
+                "driver": "virtio-net-pci",
+                "id": "hot",
+                "netdev": "hot-net",
+                **pci_placement("q35", free),
+            },
         ),
     )
     assert status["status"] == "running"
     assert [bus_of(w) for w in where] == ["rp0", "rp1", "rp2", "rp3", "scsi0.0", "ide.0", "scsi0.0"]
-    assert {f"rp{n}" for n in range(12)} | {"video0"} == root_bus_ids(pci)
+    assert {f"rp{n}" for n in range(ROOT_PORTS)} | {"video0"} == root_bus_ids(pci)
     cdrom = blocks(block)["cdrom0"]
     assert cdrom is not None
     assert (cdrom["node-name"], cdrom["ro"]) == ("cdrom0-fmt", True)
@@ -277,7 +281,6 @@ def test_microvm(paths: VmPaths, start: Any) -> None:
         serials=[{"name": "serial0"}, {"name": "serial1"}],
         parallel={},
     )
-    assert hotplug_ports(vm) == []
     qemu = start(build_argv(vm, paths, TCG, tsc_khz=2_000_000))
     status, *where, pci, chardevs = qemu.qmp(
         ("query-status", None),

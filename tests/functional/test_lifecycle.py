@@ -14,10 +14,15 @@ from thinvisor.console.serial import SerialConsole
 from thinvisor.errors import InvalidState
 from thinvisor.host.inventory import Inventory
 from thinvisor.host.service import NewDisk
+from thinvisor.model import VmSpec
 
 from .hostenv import READY, TestHost
 
 pytestmark = pytest.mark.functional
+
+
+def vm_spec(name: str) -> VmSpec:
+    return VmSpec(name=name)
 
 
 def guest(host: TestHost, name: str, command: str, timeout: float = 60) -> tuple[int, str]:
@@ -220,3 +225,23 @@ def test_actions_in_the_wrong_state_are_refused_on_a_running_vm(host: TestHost) 
     assert refused.returncode == 1
     assert refused.stderr == "error: vm 'vm1': cannot delete while running\n"
     assert host.show("vm1")["state"] == "running"
+
+
+def test_suspend_and_resume_after_a_hot_add(host: TestHost) -> None:
+    # The saved state only restores into the same hardware: the hot-added disk must come
+    # back in the PCI slot it was plugged into, not where a fresh boot would put it.
+    host.create("vm1", disk_mib=16, nics=[host.service.new_nic(vm_spec("vm1")).model_dump()])
+    host.wait_ready("vm1")
+    host.cli("vm", "disk", "add", "vm1", "--size", "8M")
+    wait = "for i in $(seq 50); do [ -e /sys/block/vdb ] && break; sleep 0.2; done"
+    guest(host, "vm1", wait)
+    guest(host, "vm1", "echo before > /tmp/value")
+    host.cli("vm", "suspend", "vm1")
+    host.cli("vm", "resume", "vm1")
+    assert host.show("vm1")["state"] == "running"
+    assert guest(host, "vm1", "cat /tmp/value; cat /sys/block/vdb/size") == (0, "before\n16384\n")
+    # And a fresh boot gives the same hardware too.
+    host.cli("vm", "stop", "vm1")
+    host.cli("vm", "start", "vm1")
+    host.wait_ready("vm1", count=2)
+    assert guest(host, "vm1", "cat /sys/block/vdb/size") == (0, "16384\n")

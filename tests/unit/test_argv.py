@@ -10,7 +10,7 @@ import pytest
 
 from thinvisor.errors import InvalidArgument
 from thinvisor.host.engine.accel import AccelChoice
-from thinvisor.host.engine.argv import build_argv, escape_option, hotplug_ports
+from thinvisor.host.engine.argv import ROOT_PORTS, build_argv, escape_option, pci_placement
 from thinvisor.host.engine.paths import VmPaths
 from thinvisor.model.vm import VmSpec, parse_spec
 
@@ -212,7 +212,7 @@ def test_readonly_disk() -> None:
 
 def test_virtio_disk() -> None:
     argv = argv_of(make_spec(disks=[disk("d0")]))
-    assert device(argv, "d0") == "virtio-blk-pci,drive=d0-fmt,id=d0,bus=rp0,bootindex=1"
+    assert device(argv, "d0") == "virtio-blk-pci,bus=rp1,drive=d0-fmt,id=d0,bootindex=1"
 
 
 def test_scsi_disks_share_one_controller() -> None:
@@ -331,7 +331,9 @@ def test_scsi_cdrom() -> None:
 def test_user_network_nic(model: str, driver: str) -> None:
     argv = argv_of(make_spec(machine="pc", nics=[nic("n0", model=model)]))
     assert value(argv, "-netdev") == "user,id=n0-net"
-    assert device(argv, "n0") == (f"{driver},netdev=n0-net,mac=52:54:00:00:00:01,id=n0,bus=pci.0")
+    assert device(argv, "n0") == (
+        f"{driver},bus=pci.0,addr=0x4,netdev=n0-net,mac=52:54:00:00:00:01,id=n0"
+    )
 
 
 def test_unknown_network() -> None:
@@ -387,7 +389,7 @@ def test_microvm_parallel_port_is_an_isa_device() -> None:
     assert devices(argv, "isa-parallel") == ["isa-parallel,chardev=parallel0"]
 
 
-@pytest.mark.parametrize(("machine", "bus"), [("q35", "pcie.0"), ("pc", "pci.0")])
+@pytest.mark.parametrize(("machine", "bus"), [("q35", "pcie.0,addr=0x1"), ("pc", "pci.0,addr=0x2")])
 def test_vnc(machine: str, bus: str) -> None:
     argv = argv_of(make_spec(machine=machine))
     assert value(argv, "-vnc") == "unix:/run/tv/vms/web,,1/vnc.sock"
@@ -421,9 +423,8 @@ def q35_full() -> VmSpec:
 def test_q35_root_ports() -> None:
     argv = argv_of(q35_full())
     ports = devices(argv, "pcie-root-port")
-    used = 5  # d0, d2, scsi0, n0, n1
-    assert len(ports) == used + 8
-    assert [props(p)["id"] for p in ports] == [f"rp{n}" for n in range(used + 8)]
+    assert len(ports) == ROOT_PORTS == 16
+    assert [props(p)["id"] for p in ports] == [f"rp{n}" for n in range(ROOT_PORTS)]
     assert all(props(p)["bus"] == "pcie.0" for p in ports)
     pairs = {(props(p)["chassis"], props(p)["slot"]) for p in ports}
     assert len(pairs) == len(ports)
@@ -443,44 +444,45 @@ def test_q35_root_ports_come_before_their_devices() -> None:
     assert all(not d.startswith(("virtio", "e1000")) for d in devs[:last_port])
 
 
-def test_q35_hotplug_ports_are_the_spares() -> None:
-    spec = q35_full()
+def test_slots_kept_in_the_spec_decide_the_placement() -> None:
+    # A disk hot-added into slot 1 keeps it, even though it comes after the others.
+    spec = make_spec(disks=[disk("d0", slot=2), disk("d1", slot=1)], nics=[nic("n0")])
     argv = argv_of(spec)
-    spares = hotplug_ports(spec)
-    assert spares == [f"rp{n}" for n in range(5, 13)]
-    used = {props(d).get("bus") for d in values(argv, "-device")}
-    port_ids = {props(p)["id"] for p in devices(argv, "pcie-root-port")}
-    assert set(spares) <= port_ids
-    assert not set(spares) & used
+    assert [props(device(argv, i))["bus"] for i in ("d0", "d1", "n0")] == ["rp2", "rp1", "rp3"]
 
 
-def test_q35_empty_vm_still_has_spare_ports() -> None:
-    spec = make_spec()
-    assert len(devices(argv_of(spec), "pcie-root-port")) == 8
-    assert hotplug_ports(spec) == [f"rp{n}" for n in range(8)]
+def test_the_same_spec_always_gives_the_same_hardware() -> None:
+    spec = q35_full()
+    assert argv_of(spec) == argv_of(spec.with_pci_slots())
 
 
-def test_pc_devices_on_pci0() -> None:
+def test_pc_devices_on_pci0_at_fixed_addresses() -> None:
     spec = make_spec(machine="pc", disks=[disk("d0"), disk("d1", bus="scsi")], nics=[nic("n0")])
     argv = argv_of(spec)
     assert devices(argv, "pcie-root-port") == []
-    assert {props(device(argv, i))["bus"] for i in ("d0", "scsi0", "n0")} == {"pci.0"}
-    assert hotplug_ports(spec) == ["pci.0"]
+    placed = {
+        i: (props(device(argv, i))["bus"], props(device(argv, i))["addr"])
+        for i in ("scsi0", "d0", "n0")
+    }
+    assert placed == {"scsi0": ("pci.0", "0x3"), "d0": ("pci.0", "0x4"), "n0": ("pci.0", "0x5")}
+    assert pci_placement("pc", 7) == {"bus": "pci.0", "addr": "0xa"}
 
 
-def test_microvm_devices_on_pcie0_and_no_hotplug() -> None:
+def test_microvm_devices_on_pcie0() -> None:
     spec = make_spec(machine="microvm", boot=KERNEL, disks=[disk("d0")], nics=[nic("n0")])
     argv = argv_of(spec)
     assert devices(argv, "pcie-root-port") == []
     assert {props(device(argv, i))["bus"] for i in ("d0", "n0")} == {"pcie.0"}
-    assert hotplug_ports(spec) == []
 
 
-@pytest.mark.parametrize(("machine", "fits"), [("q35", 21), ("pc", 29), ("microvm", 31)])
-def test_pci_slots_run_out(machine: str, fits: int) -> None:
-    # q35: 30 free slots = devices + 8 spare ports + VGA; pc: 30 = devices + VGA.
+def test_q35_placement_is_a_root_port() -> None:
+    assert pci_placement("q35", 5) == {"bus": "rp5"}
+
+
+@pytest.mark.parametrize("machine", ["q35", "pc", "microvm"])
+def test_pci_slots_run_out(machine: str) -> None:
     boot = KERNEL if machine == "microvm" else {"kind": "firmware"}
-    nics = [nic(f"n{n}", n + 1) for n in range(fits)]
+    nics = [nic(f"n{n}", n + 1) for n in range(15)]
     argv_of(make_spec(machine=machine, boot=boot, nics=nics))
     nics.append(nic("extra", 250))
     with pytest.raises(InvalidArgument) as info:

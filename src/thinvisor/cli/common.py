@@ -65,3 +65,6 @@ def setup_logging(verbose: bool) -> None:
         level=logging.INFO if verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    if not verbose:
+        # qemu.qmp logs a dropped connection as an error; thinvisor reports what it means.
+        logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)

@@ -24,7 +24,6 @@ from pydantic import Field
 from thinvisor.config import HostConfig
 from thinvisor.errors import (
     AlreadyExists,
-    InsufficientResources,
     InvalidArgument,
     NotFound,
     QemuError,
@@ -33,7 +32,7 @@ from thinvisor.fs import fsync_dir
 from thinvisor.host import hostinfo
 from thinvisor.host.engine import process
 from thinvisor.host.engine.accel import AccelChoice, choose_accel
-from thinvisor.host.engine.argv import build_argv, hotplug_ports
+from thinvisor.host.engine.argv import build_argv, disk_nodes, pci_placement
 from thinvisor.host.engine.paths import VmPaths
 from thinvisor.host.engine.qmp import Monitor
 from thinvisor.host.inventory import Inventory, VmEntry, save_spec
@@ -47,6 +46,7 @@ from thinvisor.model.vm import (
     NicSpec,
     StrictModel,
     VmSpec,
+    validate,
 )
 from thinvisor.storage.disk import Images
 
@@ -182,6 +182,7 @@ class HostService:
             try:
                 building = VmPaths(staging, final.run_dir)
                 spec = await self._populate(spec, options, building, final)
+                spec = spec.with_pci_slots()
                 self._check_paths(spec, building)
                 save_spec(building, spec)
                 fsync_dir(staging)
@@ -341,7 +342,10 @@ class HostService:
             else:
                 self._check_resources(spec)
                 self._check_paths(spec, entry.paths)
-                await self._launch(entry, spec, incoming=False)
+                placed = spec.with_pci_slots()
+                if placed != spec:  # a hand-written vm.toml: keep the placement QEMU gets
+                    save_spec(entry.paths, placed)
+                await self._launch(entry, placed, incoming=False)
         return await self.get_vm(name)
 
     async def _launch(self, entry: VmEntry, spec: VmSpec, *, incoming: bool) -> None:
@@ -374,6 +378,11 @@ class HostService:
                 state_file.unlink()
                 fsync_dir(state_file.parent)
                 await mon.cont()
+        except QemuError as exc:
+            await self._force_off(entry, "restoring the suspended state failed")
+            raise QemuError(
+                f"vm {spec.name!r}: {process.failure_detail(entry.paths, exc)}"
+            ) from exc
         except BaseException:
             await self._force_off(entry, "restoring the suspended state failed")
             raise
@@ -484,10 +493,17 @@ class HostService:
                 raise InvalidArgument("bus", "only virtio disks can be added to a running VM")
             disk = await self._make_disk(spec, new, entry.paths.vm_dir)
             try:
-                updated = spec.model_copy(update={"disks": [*spec.disks, disk]})
-                updated = VmSpec.model_validate(updated.model_dump())
+                updated = validate(
+                    VmSpec,
+                    {
+                        **spec.model_dump(),
+                        "disks": [*[d.model_dump() for d in spec.disks], disk.model_dump()],
+                    },
+                )
+                updated = updated.with_pci_slots()
+                disk = updated.disks[-1]
                 if state is PowerState.RUNNING:
-                    await self._hotplug_disk(entry, spec, disk)
+                    await self._hotplug_disk(entry, updated, disk)
                 save_spec(entry.paths, updated)
             except BaseException:
                 entry.paths.resolve(disk.path).unlink(missing_ok=True)
@@ -495,57 +511,26 @@ class HostService:
         return disk
 
     async def _hotplug_disk(self, entry: VmEntry, spec: VmSpec, disk: DiskSpec) -> None:
-        path = str(entry.paths.resolve(disk.path))
+        file_node, fmt_node = disk_nodes(disk, entry.paths)
+        assert disk.slot is not None
+        device = {
+            "driver": "virtio-blk-pci",
+            "id": disk.name,
+            "drive": fmt_node["node-name"],
+            **pci_placement(spec.machine, disk.slot),
+        }
         async with Monitor(entry.name, entry.paths.qmp_socket) as mon:
-            port = await self._free_port(mon, spec)
-            await mon.blockdev_add(
-                {
-                    "driver": "file",
-                    "node-name": f"{disk.name}-file",
-                    "filename": path,
-                    "discard": "unmap",
-                }
-            )
+            await mon.blockdev_add(file_node)
             try:
-                await mon.blockdev_add(
-                    {
-                        "driver": disk.format,
-                        "node-name": f"{disk.name}-fmt",
-                        "file": f"{disk.name}-file",
-                    }
-                )
+                await mon.blockdev_add(fmt_node)
                 try:
-                    device = {
-                        "driver": "virtio-blk-pci",
-                        "id": disk.name,
-                        "drive": f"{disk.name}-fmt",
-                    }
-                    if port != "pci.0":
-                        device["bus"] = port
                     await mon.device_add(device)
                 except QemuError:
-                    await mon.blockdev_del(f"{disk.name}-fmt")
+                    await mon.blockdev_del(fmt_node["node-name"])
                     raise
             except QemuError:
-                await mon.blockdev_del(f"{disk.name}-file")
+                await mon.blockdev_del(file_node["node-name"])
                 raise
-
-    async def _free_port(self, mon: Monitor, spec: VmSpec) -> str:
-        """A hotplug port with nothing plugged into it."""
-        candidates = hotplug_ports(spec)
-        if candidates == ["pci.0"]:
-            return "pci.0"
-        buses = await mon.command("query-pci")
-        used: set[str] = set()
-        for bus in buses:
-            for dev in bus.get("devices", []):
-                bridge = dev.get("pci_bridge")
-                if bridge and bridge.get("devices"):
-                    used.add(dev.get("qdev_id", ""))
-        for port in candidates:
-            if port not in used:
-                return port
-        raise InsufficientResources(f"vm {spec.name!r}: no free hotplug slot left; stop the VM")
 
     async def remove_disk(self, name: str, disk_name: str, *, keep_file: bool = False) -> None:
         async with self.inventory.lock(name):

@@ -27,6 +27,7 @@ NAME_MAX = 64
 M = TypeVar("M", bound=BaseModel)
 MEMORY_MIN_MIB = 32
 VCPUS_MAX = 255
+PCI_SLOT_MAX = 15  # slots 1..15 for virtio disks and NICs; slot 0 is the SCSI controller's
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _DEVICE_NAME_RE = re.compile(r"^[a-z][a-z0-9]{0,15}$")
 _MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
@@ -99,12 +100,18 @@ class FirmwareBoot(StrictModel):
 BootSpec = Annotated[KernelBoot | FirmwareBoot, Field(discriminator="kind")]
 
 
+PciSlot = Annotated[int, Field(ge=1, le=PCI_SLOT_MAX)]
+
+
 class DiskSpec(StrictModel):
     name: DeviceName
     path: str
     format: DiskFormat = "qcow2"
     bus: DiskBus = "virtio"
     readonly: bool = False
+    # Where a virtio disk sits on the PCI bus; given once, kept, so that the guest sees
+    # the same hardware on every boot and a saved state restores into it.
+    slot: PciSlot | None = None
 
     @field_validator("path")
     @classmethod
@@ -132,6 +139,7 @@ class NicSpec(StrictModel):
     model: NicModel = "virtio"
     mac: str
     network: str = "user"
+    slot: PciSlot | None = None
 
     @field_validator("mac")
     @classmethod
@@ -194,6 +202,11 @@ class VmSpec(StrictModel):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"device names must be unique, repeated: {', '.join(dupes)}")
+        if any(d.slot is not None and d.bus != "virtio" for d in self.disks):
+            raise ValueError("only virtio disks have a PCI slot")
+        slots = [d.slot for d in self.disks if d.slot] + [n.slot for n in self.nics if n.slot]
+        if len(set(slots)) != len(slots):
+            raise ValueError("PCI slots of disks and NICs must be unique")
         macs = [n.mac for n in self.nics]
         if len(set(macs)) != len(macs):
             raise ValueError("NIC MAC addresses must be unique")
@@ -208,6 +221,31 @@ class VmSpec(StrictModel):
 
     def disk(self, name: str) -> DiskSpec | None:
         return next((d for d in self.disks if d.name == name), None)
+
+    def pci_slots(self) -> dict[str, int | None]:
+        """Device name -> PCI slot of every device that takes one (virtio disks, NICs)."""
+        slots: dict[str, int | None] = {d.name: d.slot for d in self.disks if d.bus == "virtio"}
+        slots.update({n.name: n.slot for n in self.nics})
+        return slots
+
+    def free_pci_slot(self) -> int | None:
+        """The lowest PCI slot no device has, or None when all are taken."""
+        taken = set(self.pci_slots().values())
+        return next((n for n in range(1, PCI_SLOT_MAX + 1) if n not in taken), None)
+
+    def with_pci_slots(self) -> VmSpec:
+        """This spec with a PCI slot given to every device that lacks one."""
+        spec = self.model_copy(deep=True)
+        devices: list[DiskSpec | NicSpec] = [d for d in spec.disks if d.bus == "virtio"]
+        for dev in [*devices, *spec.nics]:
+            if dev.slot is None:
+                slot = spec.free_pci_slot()
+                if slot is None:
+                    field = "nics" if isinstance(dev, NicSpec) else "disks"
+                    reason = f"too many PCI devices: at most {PCI_SLOT_MAX} virtio disks and NICs"
+                    raise InvalidArgument(field, reason)
+                dev.slot = slot
+        return spec
 
     def next_device_name(self, prefix: str) -> str:
         """The first free ``<prefix><n>`` among the VM's device names."""

@@ -8,35 +8,46 @@ nodes by these names):
   ``cdrom0-fmt`` while an ISO is in it); a NIC ``<n>`` is the netdev ``<n>-net`` and the
   device ``<n>``; a serial port ``<s>`` is the chardev ``<s>``; the SCSI controller is
   ``scsi0``, the VGA card ``video0``.
-- on q35 every cold-plugged PCI device sits on its own ``pcie-root-port`` (``rp0``,
-  ``rp1``, ...) and ``hotplug_ports`` names the spare ones left free for hot-add; on pc
-  PCI devices go on ``pci.0``; microvm has no hotplug.
+- virtio disks and NICs sit in fixed PCI slots kept in the spec (``slot``, 1 to 15;
+  slot 0 is the SCSI controller's): on q35 slot n is the root port ``rp<n>`` (all 16
+  exist from boot, so empty ones take hot-added devices), on pc and microvm it is a fixed
+  address on the root bus. The same spec always gives the same guest hardware, which a
+  saved state needs to be restored; ``pci_placement`` tells hot-add where a slot is.
 - QEMU is never told to daemonize: the caller detaches the process itself.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from thinvisor.errors import InvalidArgument
 from thinvisor.host.engine.accel import AccelChoice
 from thinvisor.host.engine.paths import VmPaths
-from thinvisor.model.vm import CdromSpec, DiskSpec, FirmwareBoot, KernelBoot, MachineType, VmSpec
+from thinvisor.model.vm import (
+    PCI_SLOT_MAX,
+    CdromSpec,
+    DiskSpec,
+    FirmwareBoot,
+    KernelBoot,
+    MachineType,
+    VmSpec,
+)
 
-#: Free root ports a q35 VM always has for hot-add.
-SPARE_ROOT_PORTS = 8
+#: Root ports of a q35 VM (one per PCI slot), all there from boot.
+ROOT_PORTS = PCI_SLOT_MAX + 1
 CDROM_ID = "cdrom0"
 SCSI_ID = "scsi0"
 VGA_ID = "video0"
 NIC_DEVICES = {"virtio": "virtio-net-pci", "e1000": "e1000", "rtl8139": "rtl8139"}
 SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
 
-# Free slots on the root bus (as QEMU 7.2 counts them): q35 keeps 00.0 (host bridge) and
-# 1f.x (ICH9), pc keeps 00.0 and 01.x (PIIX3), microvm only 00.0.
-_ROOT_BUS_SLOTS: dict[MachineType, int] = {"q35": 30, "pc": 30, "microvm": 31}
+# Root bus addresses: q35 has its host bridge at 00.0 and VGA at 01.0; pc its host bridge,
+# PIIX3 and VGA at 00.0 to 02.0; microvm nothing. Slot n is at _SLOT_BASE + n on pc and
+# microvm.
+_SLOT_BASE: dict[MachineType, int] = {"pc": 3, "microvm": 1}
+_VGA_ADDR: dict[MachineType, str] = {"q35": "0x1", "pc": "0x2"}
 _ROOT_BUS: dict[MachineType, str] = {"q35": "pcie.0", "pc": "pci.0", "microvm": "pcie.0"}
 # Where IDE devices can go; the CD-ROM takes its place first, disks take the rest in order.
 _IDE_POSITIONS: dict[MachineType, list[str]] = {
@@ -71,54 +82,16 @@ def _needs_scsi(spec: VmSpec) -> bool:
     return cdrom or any(d.bus == "scsi" for d in spec.disks)
 
 
-def _pci_device_count(spec: VmSpec) -> int:
-    """Cold-plugged PCI devices that need a slot (q35: a root port each); VGA not counted."""
-    virtio_disks = sum(d.bus == "virtio" for d in spec.disks)
-    return virtio_disks + int(_needs_scsi(spec)) + len(spec.nics)
+def pci_placement(machine: MachineType, slot: int) -> dict[str, str]:
+    """Where the device in PCI slot ``slot`` goes: ``bus`` (and ``addr``) properties."""
+    if machine == "q35":
+        return {"bus": f"rp{slot}"}
+    return {"bus": _ROOT_BUS[machine], "addr": hex(_SLOT_BASE[machine] + slot)}
 
 
-def _root_ports(spec: VmSpec) -> int:
-    """How many root ports a q35 VM gets: one per PCI device plus the spares."""
-    return _pci_device_count(spec) + SPARE_ROOT_PORTS
-
-
-def hotplug_ports(spec: VmSpec) -> list[str]:
-    """Where hot-added PCI devices go (``bus=<port>``): q35's spare root ports, pc's
-    ``pci.0``, nothing on microvm."""
-    if spec.machine == "pc":
-        return ["pci.0"]
-    if spec.machine == "microvm":
-        return []
-    used = _pci_device_count(spec)
-    return [f"rp{n}" for n in range(used, used + SPARE_ROOT_PORTS)]
-
-
-def _check_slots(spec: VmSpec) -> None:
-    needed = _root_ports(spec) if spec.machine == "q35" else _pci_device_count(spec)
-    needed += int(_vga(spec))
-    free = _ROOT_BUS_SLOTS[spec.machine]
-    if needed > free:
-        field = "nics" if spec.nics else "disks"
-        spares = f" (with {SPARE_ROOT_PORTS} spare root ports)" if spec.machine == "q35" else ""
-        raise InvalidArgument(
-            field,
-            f"too many PCI devices: {needed} slots needed{spares}, "
-            f"machine {spec.machine!r} has {free}",
-        )
-
-
-@dataclass
-class _PciBus:
-    """Hands out a bus to each cold-plugged PCI device, in command-line order."""
-
-    machine: MachineType
-    used: int = 0
-
-    def next(self) -> str:
-        if self.machine != "q35":
-            return _ROOT_BUS[self.machine]
-        self.used += 1
-        return f"rp{self.used - 1}"
+def _placement(spec: VmSpec, slot: int | None) -> str:
+    assert slot is not None, "with_pci_slots gives every PCI device a slot"
+    return ",".join(f"{k}={v}" for k, v in pci_placement(spec.machine, slot).items())
 
 
 def _machine(spec: VmSpec, accel: AccelChoice) -> list[str]:
@@ -231,11 +204,11 @@ def _ide_positions(spec: VmSpec) -> tuple[str | None, list[str]]:
     return cdrom, free[: len(ide_disks)]
 
 
-def _disk_device(disk: DiskSpec, pci: _PciBus, ide_free: list[str], index: int | None) -> str:
+def _disk_device(spec: VmSpec, disk: DiskSpec, ide_free: list[str], index: int | None) -> str:
     drive = f"{disk.name}-fmt"
     if disk.bus == "virtio":
-        bus = pci.next()
-        return _options("virtio-blk-pci", drive=drive, id=disk.name, bus=bus, bootindex=index)
+        dev = f"virtio-blk-pci,{_placement(spec, disk.slot)}"
+        return _options(dev, drive=drive, id=disk.name, bootindex=index)
     if disk.bus == "scsi":
         return _options(f"scsi-hd,bus={SCSI_ID}.0", drive=drive, id=disk.name, bootindex=index)
     if disk.readonly:
@@ -244,14 +217,14 @@ def _disk_device(disk: DiskSpec, pci: _PciBus, ide_free: list[str], index: int |
     return _options(f"ide-hd,{ide_free.pop(0)}", drive=drive, id=disk.name, bootindex=index)
 
 
-def _storage(spec: VmSpec, paths: VmPaths, pci: _PciBus, boot: dict[str, int]) -> list[str]:
+def _storage(spec: VmSpec, paths: VmPaths, boot: dict[str, int]) -> list[str]:
     cdrom_pos, ide_free = _ide_positions(spec)
     argv: list[str] = []
     if _needs_scsi(spec):
-        argv += ["-device", _options("virtio-scsi-pci", id=SCSI_ID, bus=pci.next())]
+        argv += ["-device", f"virtio-scsi-pci,id={SCSI_ID},{_placement(spec, 0)}"]
     for disk in spec.disks:
         argv += _blockdevs(disk_nodes(disk, paths))
-        argv += ["-device", _disk_device(disk, pci, ide_free, boot.get(disk.name))]
+        argv += ["-device", _disk_device(spec, disk, ide_free, boot.get(disk.name))]
     if spec.cdrom is not None:
         argv += _cdrom(spec.cdrom, paths, cdrom_pos, boot.get(CDROM_ID))
     return argv
@@ -269,7 +242,7 @@ def _cdrom(cdrom: CdromSpec, paths: VmPaths, ide_pos: str | None, index: int | N
     return [*argv, "-device", _options(f"{dev},{bus}", bootindex=index)]
 
 
-def _nics(spec: VmSpec, pci: _PciBus, boot: dict[str, int]) -> list[str]:
+def _nics(spec: VmSpec, boot: dict[str, int]) -> list[str]:
     argv: list[str] = []
     for nic in spec.nics:
         if nic.network != "user":
@@ -277,11 +250,10 @@ def _nics(spec: VmSpec, pci: _PciBus, boot: dict[str, int]) -> list[str]:
         netdev = f"{nic.name}-net"
         argv += ["-netdev", f"user,id={netdev}"]
         dev = _options(
-            NIC_DEVICES[nic.model],
+            f"{NIC_DEVICES[nic.model]},{_placement(spec, nic.slot)}",
             netdev=netdev,
             mac=nic.mac,
             id=nic.name,
-            bus=pci.next(),
             bootindex=boot.get(nic.name),
         )
         argv += ["-device", dev]
@@ -316,7 +288,7 @@ def _parallel(spec: VmSpec, paths: VmPaths) -> list[str]:
 def _graphics(spec: VmSpec, paths: VmPaths) -> list[str]:
     if not _vga(spec):
         return []
-    vga = _options("VGA", id=VGA_ID, bus=_ROOT_BUS[spec.machine])
+    vga = _options("VGA", id=VGA_ID, bus=_ROOT_BUS[spec.machine], addr=_VGA_ADDR[spec.machine])
     return ["-vnc", f"unix:{escape_option(paths.vnc_socket)}", "-device", vga]
 
 
@@ -324,7 +296,7 @@ def _root_port_devices(spec: VmSpec) -> list[str]:
     if spec.machine != "q35":
         return []
     argv: list[str] = []
-    for n in range(_root_ports(spec)):
+    for n in range(ROOT_PORTS):
         port = _options("pcie-root-port", id=f"rp{n}", chassis=n + 1, slot=n + 1, bus="pcie.0")
         argv += ["-device", port]
     return argv
@@ -341,16 +313,15 @@ def build_argv(
 ) -> list[str]:
     """The full QEMU command line for ``spec``; raises ``InvalidArgument`` for what QEMU
     cannot build (too many IDE or PCI devices, an unknown network)."""
-    _check_slots(spec)
-    pci = _PciBus(spec.machine)
+    spec = spec.with_pci_slots()
     boot = _boot_indexes(spec)
     argv = [qemu_binary, *_base(spec, paths, accel, incoming)]
     if isinstance(spec.boot, KernelBoot):
         argv += _kernel_boot(spec, spec.boot, paths, tsc_khz)
     argv += _graphics(spec, paths)  # first, so VGA gets the first free slot (00:01.0 / 00:02.0)
     argv += _root_port_devices(spec)
-    argv += _storage(spec, paths, pci, boot)
-    argv += _nics(spec, pci, boot)
+    argv += _storage(spec, paths, boot)
+    argv += _nics(spec, boot)
     argv += _serials(spec, paths)
     argv += _parallel(spec, paths)
     return argv

@@ -174,6 +174,12 @@ async def wait_started(paths: VmPaths, timeout: float = 30.0) -> int:
     raise QemuError(f"QEMU did not come up within {timeout:.0f} s; see {paths.qemu_log}")
 
 
+def failure_detail(paths: VmPaths, exc: Exception) -> str:
+    """What QEMU itself logged about a failure, when it logged anything; else ``exc``."""
+    errors = [m.group(1) for line in last_run_log(paths) if (m := _ERROR_RE.match(line))]
+    return f"QEMU: {errors[-1]}" if errors else str(exc)
+
+
 def _startup_failure(paths: VmPaths) -> str:
     lines = last_run_log(paths)
     errors = [m.group(1) for line in lines if (m := _ERROR_RE.match(line))]
