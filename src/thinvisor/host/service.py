@@ -419,7 +419,7 @@ class HostService:
         async with self.inventory.lock(name):
             entry, _, _ = await self._locked_state(name, Action.SHUTDOWN)
             pid = process.running_pid(entry.paths)
-            process.record_stop(entry.paths, "shutdown", "shut down by user (guest powered off)")
+            process.record_stop(entry.paths, "shutdown", "guest shut down at the user's request")
             async with Monitor(name, entry.paths.qmp_socket) as mon:
                 await mon.system_powerdown()
             if pid is not None and not await process.wait_gone(entry.paths, pid, timeout):
