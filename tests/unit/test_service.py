@@ -20,6 +20,7 @@ from thinvisor.model import VmSpec
 @pytest.fixture
 def service(tmp_path: Path) -> HostService:
     config = HostConfig(
+        qemu_binary=str(tmp_path / "no-qemu-in-unit-tests"),
         run_dir=tmp_path / "run",
         cache_dir=tmp_path / "cache",
         datastores=[
@@ -252,3 +253,27 @@ def test_no_files_are_world_writable(service: HostService) -> None:
     info = run(service.create_vm(vm()))
     mode = os.stat(info.paths.config).st_mode
     assert not mode & 0o002
+
+
+def test_leftovers_of_a_crash_are_never_listed_and_are_swept(service: HostService) -> None:
+    ds = service.config.datastores[0].path
+    for leftover in (".vm1.creating-abc123", ".vm2.deleting-0f0f0f0f"):
+        (ds / leftover).mkdir(parents=True)
+        (ds / leftover / "vm.toml").write_text('name = "x"\n')
+    assert listing(service) == []
+    run(service.create_vm(vm(name="vm3")))
+    assert datastore_contents(service) == ["vm3"]
+
+
+def test_a_partial_suspend_file_is_dropped_at_start(service: HostService) -> None:
+    info = run(service.create_vm(vm(memory_mib=64)))
+    partial = info.paths.vm_dir / "suspend.state.partial"
+    partial.write_bytes(b"half a state")
+    assert run(service.get_vm("vm1")).state == "stopped"
+    # The start itself is refused (the host has too little memory), after the sweep.
+    service._facts = lambda: HostFacts(
+        cpus=4, memory_total_mib=64, memory_available_mib=32, cpu_model="test"
+    )
+    with pytest.raises(InvalidArgument):
+        run(service.start("vm1"))
+    assert not partial.exists()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import os
+import shutil
 import time
 import tomllib
 from collections.abc import AsyncIterator
@@ -24,6 +25,11 @@ from thinvisor.errors import Busy, InvalidArgument, InvalidConfig, NotFound
 from thinvisor.fs import atomic_write
 from thinvisor.host.engine.paths import CONFIG_NAME, VmPaths
 from thinvisor.model.vm import VmSpec, parse_spec
+
+# A VM directory being built or torn down is hidden under one of these names; a crash
+# leaves it hidden, and ``Inventory.sweep`` removes it later.
+CREATING = ".creating-"
+DELETING = ".deleting-"
 
 
 @dataclass(frozen=True)
@@ -84,6 +90,20 @@ class Inventory:
                 continue
             found += [self._entry(ds, n) for n in names if (ds.path / n / CONFIG_NAME).is_file()]
         return found
+
+    def sweep(self) -> list[Path]:
+        """Remove half-created and half-deleted VM directories; call it holding the
+        inventory lock, so that no create is under way."""
+        removed = []
+        for ds in self.config.datastores:
+            if not ds.path.is_dir():
+                continue
+            for leftover in ds.path.iterdir():
+                hidden = leftover.name.startswith(".")
+                if hidden and (CREATING in leftover.name or DELETING in leftover.name):
+                    shutil.rmtree(leftover, ignore_errors=True)
+                    removed.append(leftover)
+        return removed
 
     def find(self, name: str) -> VmEntry | None:
         for ds in self.config.datastores:

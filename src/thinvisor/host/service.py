@@ -33,9 +33,9 @@ from thinvisor.host import hostinfo
 from thinvisor.host.engine import process
 from thinvisor.host.engine.accel import AccelChoice, choose_accel
 from thinvisor.host.engine.argv import build_argv, disk_nodes, pci_placement
-from thinvisor.host.engine.paths import VmPaths
+from thinvisor.host.engine.paths import SUSPEND_STATE_NAME, VmPaths
 from thinvisor.host.engine.qmp import Monitor
-from thinvisor.host.inventory import Inventory, VmEntry, save_spec
+from thinvisor.host.inventory import CREATING, DELETING, Inventory, VmEntry, save_spec
 from thinvisor.host.state import Action, PowerState, check_allowed, power_state_of
 from thinvisor.model.vm import (
     CdromSpec,
@@ -52,7 +52,8 @@ from thinvisor.storage.disk import Images
 
 log = logging.getLogger(__name__)
 
-MAC_PREFIX = "02:74:76"  # locally administered, unicast: "tv"
+MAC_PREFIX = "02:74:76"
+PARTIAL_STATE = SUSPEND_STATE_NAME + ".partial"  # locally administered, unicast: "tv"
 
 
 @dataclass(frozen=True)
@@ -172,13 +173,15 @@ class HostService:
         self._check_resources(spec)
         spec = self._with_macs(spec)
         async with self.inventory.lock(".inventory"):
+            # No other create runs now: hidden leftovers are from a crash, finish them off.
+            await asyncio.to_thread(self.inventory.sweep)
             if self.inventory.find(spec.name) is not None:
                 raise AlreadyExists(f"vm {spec.name!r} already exists")
             final = self.inventory.paths(datastore, spec.name)
             datastore.path.mkdir(parents=True, exist_ok=True)
             # Build the directory under a hidden name, then rename: a crash leaves
             # nothing that looks like a VM.
-            staging = Path(tempfile.mkdtemp(prefix=f".{spec.name}.creating-", dir=datastore.path))
+            staging = Path(tempfile.mkdtemp(prefix=f".{spec.name}{CREATING}", dir=datastore.path))
             try:
                 building = VmPaths(staging, final.run_dir)
                 spec = await self._populate(spec, options, building, final)
@@ -318,7 +321,7 @@ class HostService:
             elif process.running_pid(entry.paths) is not None:
                 check_allowed(name, PowerState.RUNNING, Action.DELETE)
             # Hide it first: a crash mid-delete leaves a hidden directory, not half a VM.
-            doomed = entry.paths.vm_dir.with_name(f".{name}.deleting-{secrets.token_hex(4)}")
+            doomed = entry.paths.vm_dir.with_name(f".{name}{DELETING}{secrets.token_hex(4)}")
             entry.paths.vm_dir.rename(doomed)
             fsync_dir(doomed.parent)
             await asyncio.to_thread(shutil.rmtree, doomed, True)
@@ -340,6 +343,8 @@ class HostService:
             if state is PowerState.SUSPENDED:
                 await self._restore(entry, spec)
             else:
+                # A suspend that crashed half-way leaves a partial state file: never valid.
+                entry.paths.suspend_state.with_name(PARTIAL_STATE).unlink(missing_ok=True)
                 self._check_resources(spec)
                 self._check_paths(spec, entry.paths)
                 placed = spec.with_pci_slots()
@@ -458,7 +463,7 @@ class HostService:
             entry, _, _ = await self._locked_state(name, Action.SUSPEND)
             pid = process.running_pid(entry.paths)
             final = entry.paths.suspend_state
-            partial = final.with_name(final.name + ".partial")
+            partial = final.with_name(PARTIAL_STATE)
             fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             try:
                 async with Monitor(name, entry.paths.qmp_socket) as mon:
