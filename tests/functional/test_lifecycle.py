@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 from pathlib import Path
 
@@ -46,6 +47,12 @@ def test_boots_to_the_ready_line(host: TestHost) -> None:
     assert shown["pid"] == host.pid("vm1")
     status, out = guest(host, "vm1", "cat /proc/cmdline")
     assert status == 0 and "console=ttyS0" in out
+    # The graphical console: QEMU's VNC server greets on the VM's private socket.
+    vnc = Inventory(host.config).get("vm1").paths.vnc_socket
+    with socket.socket(socket.AF_UNIX) as conn:
+        conn.settimeout(10)
+        conn.connect(str(vnc))
+        assert conn.recv(12) == b"RFB 003.008\n"
 
 
 def test_hard_power_off(host: TestHost) -> None:

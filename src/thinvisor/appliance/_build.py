@@ -17,6 +17,7 @@ from thinvisor.appliance import _cache, _debian, _initramfs
 from thinvisor.appliance._cache import Appliance
 from thinvisor.appliance._modules import ModuleSelection, ModuleTree
 from thinvisor.errors import ApplianceBuildError
+from thinvisor.fs import fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +165,7 @@ def _assemble(
     _cache.write_file(staged / _cache.INITRD_NAME, _initramfs.compress(archive))
     manifest = _manifest(fetched, release, selection, config, staged)
     _cache.write_manifest(staged / _cache.MANIFEST_NAME, manifest)
-    _cache.fsync_dir(staged)
+    fsync_dir(staged)
     _cache.install_build(staged, root / fetched.version, work / "replaced")
     report(f"built {fetched.version}")
     return Appliance(

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from thinvisor.fs import atomic_write, fsync_dir
+
 KERNEL_NAME = "vmlinuz"
 INITRD_NAME = "initramfs.img"
 MANIFEST_NAME = "manifest.json"
@@ -68,7 +70,7 @@ def read_current(root: Path) -> str | None:
 
 
 def write_current(root: Path, version: str) -> None:
-    write_atomic(root / CURRENT_NAME, f"{version}\n".encode())
+    atomic_write(root / CURRENT_NAME, f"{version}\n")
 
 
 def install_build(staged: Path, target: Path, trash: Path) -> None:
@@ -87,26 +89,8 @@ def write_file(path: Path, data: bytes) -> None:
         os.fsync(stream.fileno())
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write_file(temp, data)
-        os.replace(temp, path)
-    finally:
-        temp.unlink(missing_ok=True)
-    fsync_dir(path.parent)
-
-
 def write_manifest(path: Path, manifest: dict[str, Any]) -> None:
     write_file(path, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def file_sha256(path: Path) -> str:
