@@ -43,6 +43,18 @@ def _default_datastores() -> list[DatastoreConfig]:
     return [DatastoreConfig(name="local", path=Path("/var/lib/thinvisor/datastores/local"))]
 
 
+class ApiConfig(StrictModel):
+    """The host agent's REST API (``thinvisor host serve``)."""
+
+    listen: str = "0.0.0.0"
+    port: int = Field(default=8443, ge=1, le=65535)
+    tls: bool = True
+    # The operator's own certificate and key; a self-signed pair is made on first start.
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    upload_max_bytes: int = Field(default=64 << 30, gt=0)
+
+
 class HostConfig(StrictModel):
     """Where things live and how VMs are run on this host."""
 
@@ -51,8 +63,13 @@ class HostConfig(StrictModel):
     qemu_img_binary: str = "qemu-img"
     run_dir: Path = Path("/run/thinvisor")
     cache_dir: Path = Path("/var/cache/thinvisor")
+    # The agent's own state: users and tokens, the event log, its TLS certificate.
+    state_dir: Path = Path("/var/lib/thinvisor")
     datastores: list[DatastoreConfig] = Field(default_factory=_default_datastores)
     shutdown_timeout_s: float = Field(default=60.0, gt=0)
+    # Autostart: seconds between one VM's start and the next, as ESXi's startDelay.
+    autostart_delay_s: float = Field(default=10.0, ge=0)
+    api: ApiConfig = Field(default_factory=ApiConfig)
 
     @field_validator("datastores")
     @classmethod
