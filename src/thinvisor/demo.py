@@ -1,26 +1,37 @@
-"""``make demo``: build the appliance, create and start the VM ``demo``, show its console.
+"""``make demo``: start the host agent, then create, start and watch the VM ``demo``
+through its REST API, as any client would.
 
-Run again, it reuses what is there: the appliance cache, the VM, a running QEMU.
+Run again, it reuses what is there: the appliance cache, the agent, the user, the VM.
 """
 
 from __future__ import annotations
 
-import asyncio
+import base64
+import os
 import re
+import secrets
+import ssl
+import subprocess
 import sys
 import time
+from pathlib import Path
+from typing import Any
 
-from thinvisor.appliance import Appliance, build_appliance
-from thinvisor.config import load_config
+import httpx
+from websockets.sync.client import connect
+
+from thinvisor.api.server import prepare_tls
+from thinvisor.appliance import build_appliance
+from thinvisor.auth import Role, UserStore
+from thinvisor.config import HostConfig, load_config
 from thinvisor.errors import ThinvisorError
-from thinvisor.fs import tail
-from thinvisor.host.service import CreateOptions, HostService, NewDisk, VmInfo
-from thinvisor.model import VmSpec
 
 NAME = "demo"
+DEMO_USER = "demo"
 READY = re.compile(rb"THINVISOR-APPLIANCE-READY uptime=([0-9.]+)")
 # Terminal control sequences (the guest shell asks the terminal for its size).
 CONTROL = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+CREDENTIALS = Path.home() / ".config" / "thinvisor" / "demo-credentials"
 
 
 def say(text: str) -> None:
@@ -28,75 +39,153 @@ def say(text: str) -> None:
     sys.stdout.flush()
 
 
-async def ensure_vm(service: HostService, image: Appliance) -> VmInfo:
-    if service.inventory.find(NAME) is not None:
-        return await service.get_vm(NAME)
-    spec = VmSpec.model_validate(
-        {
-            "name": NAME,
-            "memory_mib": 128,
-            "vcpus": 1,
-            "boot": {
-                "kind": "kernel",
-                "kernel": "vmlinuz",
-                "initrd": "initrd.img",
-                "cmdline": image.cmdline,
-            },
-            "cdrom": {"bus": "scsi"},
-        }
-    )
-    spec = spec.model_copy(update={"nics": [service.new_nic(spec)]})
-    options = CreateOptions(
-        kernel_source=image.kernel, initrd_source=image.initrd, new_disks=[NewDisk(size=1 << 30)]
-    )
-    say(f"creating VM {NAME!r}")
-    return await service.create_vm(VmSpec.model_validate(spec.model_dump()), options)
+def credentials(config: HostConfig) -> tuple[str, str]:
+    """The demo admin's name and password, made (or renewed) when needed."""
+    users = UserStore(config.state_dir / "users.json")
+    if CREDENTIALS.exists():
+        user, _, password = CREDENTIALS.read_text().strip().partition(":")
+        if users.authenticate(user, password) is not None:
+            return user, password
+    password = secrets.token_urlsafe(18)
+    if any(u.name == DEMO_USER for u in users.users()):
+        users.set_password(DEMO_USER, password)
+    else:
+        users.add_user(DEMO_USER, password, Role.ADMIN)
+    CREDENTIALS.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(CREDENTIALS, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(f"{DEMO_USER}:{password}\n")
+    os.chmod(CREDENTIALS, 0o600)
+    say(f"created the admin user {DEMO_USER!r}; credentials in {CREDENTIALS}")
+    return DEMO_USER, password
 
 
-async def wait_ready(info: VmInfo, offset: int, timeout: float = 120.0) -> bytes:
-    log = info.paths.serial_log("serial0")
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        size = log.stat().st_size if log.exists() else 0
-        data = tail(log, max(0, size - offset)) if size > offset else b""
-        if READY.search(data):
-            return data
-        await asyncio.sleep(0.2)
-    raise ThinvisorError(f"the demo VM did not print its ready line within {timeout:.0f} s")
+def ensure_agent(config: HostConfig, base: str, cert: Path) -> None:
+    """Start ``thinvisor host serve`` in the background unless it already answers."""
+    if _healthy(base, cert):
+        say(f"the host agent already answers at {base}")
+        return
+    log = config.state_dir / "agent.log"
+    thinvisor = str(Path(sys.executable).with_name("thinvisor"))
+    with log.open("ab") as out:
+        subprocess.Popen(
+            [thinvisor, "host", "serve"],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=out,
+            start_new_session=True,
+        )
+    deadline = time.monotonic() + 60
+    while not _healthy(base, cert):
+        if time.monotonic() > deadline:
+            raise ThinvisorError(f"the host agent did not come up; see {log}")
+        time.sleep(0.2)
+    say(f"started the host agent at {base} (log: {log})")
 
 
-async def demo() -> None:
-    service = HostService(load_config())
+def _healthy(base: str, cert: Path) -> bool:
+    try:
+        context = ssl.create_default_context(cafile=str(cert))
+        return httpx.get(f"{base}/health", verify=context, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def wait_task(client: httpx.Client, response: httpx.Response) -> dict[str, Any]:
+    if response.status_code != 202:
+        raise ThinvisorError(f"{response.status_code}: {response.text}")
+    url = response.headers["Location"].removeprefix("/api/v1")
+    while True:
+        task: dict[str, Any] = client.get(url).json()
+        if task["state"] == "success":
+            return task
+        if task["state"] == "error":
+            raise ThinvisorError(task["error"]["message"])
+        time.sleep(0.2)
+
+
+def ensure_vm(client: httpx.Client) -> dict[str, Any]:
+    found = client.get(f"/vms/{NAME}")
+    if found.status_code == 200:
+        vm: dict[str, Any] = found.json()
+        return vm
+    say(f"creating VM {NAME!r} through POST /api/v1/vms")
+    body = {
+        "name": NAME,
+        "memory_mib": 128,
+        "appliance": True,
+        "cdrom": {},
+        "nics": [{}],
+        "disks": [{"size": 1 << 30}],
+    }
+    result: dict[str, Any] = wait_task(client, client.post("/vms", json=body))["result"]
+    return result
+
+
+def console_until_ready(port: int, cert: Path, user: str, password: str) -> str:
+    """The serial console, over the agent's WebSocket, until the appliance is ready."""
+    context = ssl.create_default_context(cafile=str(cert))
+    url = f"wss://127.0.0.1:{port}/api/v1/vms/{NAME}/console/serial"
+    seen = b""
+    auth = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+    with connect(url, ssl=context, additional_headers={"Authorization": auth}) as conn:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            # Once the ready line is in, stop when the console has been quiet for a second.
+            quiet = 1.0 if READY.search(seen) else deadline - time.monotonic()
+            try:
+                msg = conn.recv(timeout=max(0.1, quiet))
+            except TimeoutError:
+                if READY.search(seen):
+                    break
+                continue
+            seen += msg if isinstance(msg, bytes) else msg.encode()
+        else:
+            raise ThinvisorError("the demo VM did not print its ready line within 120 s")
+    return CONTROL.sub("", seen.decode(errors="replace"))
+
+
+def demo() -> None:
+    config = load_config()
     say("building the quick-start appliance (cached after the first run)")
-    image = build_appliance(service.config.cache_dir, progress=lambda m: say(f"  {m}"))
-    info = await ensure_vm(service, image)
-    log = info.paths.serial_log("serial0")
-    offset = 0
-    if info.state in ("stopped", "suspended"):
-        offset = log.stat().st_size if log.exists() else 0
-        say(f"starting VM {NAME!r} ({service.accel().name})")
-        info = await service.start(NAME)
-    elif info.state == "paused":
-        info = await service.resume(NAME)
-    console = await wait_ready(info, offset)
-    say(f"\nVM {NAME!r} is {info.state}. Its serial console said:\n")
-    text = CONTROL.sub("", console.decode(errors="replace"))
-    for line in text.splitlines()[-15:]:
-        say(f"  | {line.rstrip()}")
-    thinvisor = ".venv/bin/thinvisor"
+    build_appliance(config.cache_dir, progress=lambda m: say(f"  {m}"))
+    config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    cert, _, fingerprint = prepare_tls(config)
+    port = config.api.port
+    base = f"https://127.0.0.1:{port}/api/v1"
+    user, password = credentials(config)
+    ensure_agent(config, base, cert)
+    context = ssl.create_default_context(cafile=str(cert))
+    with httpx.Client(base_url=base, verify=context, auth=(user, password), timeout=120) as c:
+        vm = ensure_vm(c)
+        if vm["state"] in ("stopped", "suspended"):
+            say(f"starting VM {NAME!r} through POST /api/v1/vms/{NAME}/start")
+            c.post(f"/vms/{NAME}/start").raise_for_status()
+        elif vm["state"] == "paused":
+            wait_task(c, c.post(f"/vms/{NAME}/resume"))
+        console = console_until_ready(port, cert, user, password)
+        vm = c.get(f"/vms/{NAME}").json()
     say(
-        f"\nNext:\n"
-        f"  {thinvisor} vm list\n"
-        f"  {thinvisor} vm console {NAME}      # attach; detach with Ctrl-]\n"
-        f"  {thinvisor} vm shutdown {NAME}     # ACPI power button; 'vm stop' pulls the plug\n"
-        f"  {thinvisor} vm delete {NAME}\n"
+        f"\nVM {NAME!r} is {vm['state']} (pid {vm['pid']}). Its serial console, read over the "
+        "API's WebSocket, said:\n"
+    )
+    for line in console.splitlines()[-12:]:
+        say(f"  | {line.rstrip()}")
+    say(
+        f"\nThe host agent runs at {base} (TLS certificate SHA-256 {fingerprint}).\n"
+        f"Next:\n"
+        f"  curl --cacert {cert} -u $(cat {CREDENTIALS}) {base}/vms\n"
+        f"  .venv/bin/thinvisor vm console {NAME}      # attach; detach with Ctrl-]\n"
+        f"  .venv/bin/thinvisor vm shutdown {NAME}     # ACPI; 'vm stop' pulls the plug\n"
+        f"  .venv/bin/thinvisor vm delete {NAME}\n"
+        f"  the OpenAPI schema: {base}/openapi.json, browsable at {base}/docs\n"
     )
 
 
 def main() -> int:
     try:
-        asyncio.run(demo())
-    except ThinvisorError as exc:
+        demo()
+    except (ThinvisorError, httpx.HTTPError) as exc:
         sys.stderr.write(f"error: {exc}\n")
         return 1
     return 0

@@ -37,6 +37,7 @@ class TestHost:
         self.appliance = appliance
         self.config = HostConfig(
             run_dir=self.root / "run",
+            state_dir=self.root / "state",
             cache_dir=appliance.kernel.parents[2],
             datastores=[DatastoreConfig(name="local", path=self.root / "ds")],
             shutdown_timeout_s=60,
@@ -45,6 +46,7 @@ class TestHost:
         self.config_file.write_text(
             f'run_dir = "{self.config.run_dir}"\n'
             f'cache_dir = "{self.config.cache_dir}"\n'
+            f'state_dir = "{self.config.state_dir}"\n'
             f'[[datastores]]\nname = "local"\npath = "{self.root / "ds"}"\n'
         )
         self.datastore = self.root / "ds"
@@ -58,7 +60,12 @@ class TestHost:
         self, *args: str, check: bool = True, input: str | None = None, timeout: float = 180
     ) -> subprocess.CompletedProcess[str]:
         """Run the real ``thinvisor`` command against this host: a new process each time."""
-        env = {**os.environ, "THINVISOR_CONFIG": str(self.config_file)}
+        # Its own XDG_CONFIG_HOME: a login of the person running the tests must not apply.
+        env = {
+            **os.environ,
+            "THINVISOR_CONFIG": str(self.config_file),
+            "XDG_CONFIG_HOME": str(self.root / "xdg"),
+        }
         proc = subprocess.run(
             [THINVISOR, *args],
             check=False,

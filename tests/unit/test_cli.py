@@ -18,7 +18,8 @@ def env(tmp_path: Path) -> dict[str, str]:
         f'run_dir = "{tmp_path / "run"}"\ncache_dir = "{tmp_path / "cache"}"\n'
         f'[[datastores]]\nname = "local"\npath = "{tmp_path / "ds"}"\n'
     )
-    return {"THINVISOR_CONFIG": str(config)}
+    # Its own XDG_CONFIG_HOME: a login of the person running the tests must not apply.
+    return {"THINVISOR_CONFIG": str(config), "XDG_CONFIG_HOME": str(tmp_path / "xdg")}
 
 
 def tv(env: dict[str, str], *args: str, code: int = 0) -> str:

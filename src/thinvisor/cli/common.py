@@ -1,22 +1,32 @@
-"""What every CLI command shares: the configuration, the service, one-line errors."""
+"""What every CLI command shares: the configuration, the service, one-line errors.
+
+The ``vm`` commands work on the host agent of ``thinvisor login`` when there is a login,
+and on the local host otherwise; ``THINVISOR_LOCAL=1`` in the environment forces the
+local host even when logged in.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
+import os
 import sys
 from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import Any, NoReturn, TypeAlias, TypeVar
 
 import typer
 
+from thinvisor.cli.remote import Login, RemoteHost, load_login
 from thinvisor.config import HostConfig, load_config
 from thinvisor.errors import ThinvisorError
 from thinvisor.host.service import HostService
 
 T = TypeVar("T")
+Host: TypeAlias = HostService | RemoteHost
+
+LOCAL_ENV = "THINVISOR_LOCAL"
 
 _state: dict[str, Any] = {"config": None}
 
@@ -38,12 +48,43 @@ def fail(message: str, code: int = 1) -> NoReturn:
     raise typer.Exit(code)
 
 
+def service() -> HostService:
+    return HostService(config())
+
+
 def run(coro_factory: Any) -> Any:
     """Run ``coro_factory(service)`` to completion; thinvisor errors become one line."""
     try:
         service = HostService(config())
         coro: Coroutine[Any, Any, Any] = coro_factory(service)
         return asyncio.run(coro)
+    except ThinvisorError as exc:
+        fail(str(exc))
+
+
+def remote_login() -> Login | None:
+    """The login the vm commands use; None for the local host (no login, or
+    ``THINVISOR_LOCAL`` set to anything but 0)."""
+    if os.environ.get(LOCAL_ENV, "") not in ("", "0"):
+        return None
+    login: Login | None = guard(load_login)
+    return login
+
+
+def run_on_host(coro_factory: Any) -> Any:
+    """Run ``coro_factory(host)`` on the logged-in agent (a ``RemoteHost``) or else the
+    local ``HostService``; thinvisor errors become one line."""
+    login = remote_login()
+    if login is None:
+        return run(coro_factory)
+
+    async def remote() -> Any:
+        progress = sys.stderr.isatty()
+        async with RemoteHost(login, show_progress=progress) as host:
+            return await coro_factory(host)
+
+    try:
+        return asyncio.run(remote())
     except ThinvisorError as exc:
         fail(str(exc))
 

@@ -12,7 +12,7 @@ import typer
 from typer._click.exceptions import ClickException
 
 from thinvisor import __version__
-from thinvisor.cli import appliance, common, vm
+from thinvisor.cli import appliance, common, host, login, vm
 
 app = typer.Typer(
     help="thinvisor: a thin hypervisor host.",
@@ -21,7 +21,9 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(vm.app, name="vm")
+app.add_typer(host.app, name="host")
 app.add_typer(appliance.app, name="appliance")
+login.register(app)
 
 
 def _version(value: bool) -> None:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import shutil
 import sys
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -10,11 +14,13 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from thinvisor.cli import common
+from thinvisor.cli import common, remote
+from thinvisor.cli.remote import VmView
 from thinvisor.console import serial
-from thinvisor.errors import InvalidArgument
-from thinvisor.host.service import CreateOptions, HostService, NewDisk, VmInfo
-from thinvisor.model.vm import NicSpec, VmSpec, invalid_argument, validate
+from thinvisor.errors import InvalidArgument, ThinvisorError
+from thinvisor.host.service import HostService, VmInfo
+from thinvisor.model.create import NewDiskSpec, VmCreate
+from thinvisor.model.vm import KernelBoot, VmSpec, VmUpdate, validate
 from thinvisor.storage.disk import format_size, parse_size
 
 app = typer.Typer(help="Create, inspect, power and change VMs.", no_args_is_help=True)
@@ -41,19 +47,6 @@ def parse_memory(text: str) -> int:
     return size >> 20
 
 
-def _appliance_boot(cmdline_extra: str) -> tuple[dict[str, Any], Path, Path]:
-    from thinvisor.appliance import build_appliance, find_appliance
-
-    cache = common.config().cache_dir
-    image = find_appliance(cache) or build_appliance(cache)
-    cmdline = f"{image.cmdline} {cmdline_extra}".strip()
-    return (
-        {"kind": "kernel", "kernel": "vmlinuz", "initrd": "initrd.img", "cmdline": cmdline},
-        (image.kernel),
-        image.initrd,
-    )
-
-
 @app.command()
 def create(
     name: NameArg,
@@ -63,7 +56,10 @@ def create(
     appliance: Annotated[
         bool, typer.Option("--appliance", help="Boot the quick-start appliance (built if needed).")
     ] = False,
-    kernel: Annotated[Path | None, typer.Option(help="Boot this kernel directly.")] = None,
+    kernel: Annotated[
+        Path | None,
+        typer.Option(help="Boot this kernel directly (on a remote host: a file in a datastore)."),
+    ] = None,
     initrd: Annotated[Path | None, typer.Option(help="The initrd for --kernel.")] = None,
     boot_order: Annotated[
         str | None,
@@ -97,23 +93,23 @@ def create(
     autostart: Annotated[bool, typer.Option("--autostart", help="Start with the host.")] = False,
     datastore: Annotated[str | None, typer.Option(help="Datastore [default: the first].")] = None,
     from_file: Annotated[
-        Path | None, typer.Option("--from-file", help="Take the whole spec from this vm.toml.")
+        Path | None,
+        typer.Option("--from-file", help="Take the whole creation request from this TOML file."),
     ] = None,
     start: Annotated[bool, typer.Option("--start", help="Power the VM on once created.")] = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Create a VM (and its disks) in a datastore."""
-    options = CreateOptions(datastore=datastore)
+    local = common.remote_login() is None
+    # A local kernel is copied into the VM's directory; a remote one is a file on the host.
+    local_kernel = kernel if local and kernel is not None and not appliance else None
 
     def build() -> dict[str, Any]:
         if from_file is not None:
-            import tomllib
-
-            try:
-                data: dict[str, Any] = tomllib.loads(from_file.read_text())
-            except (OSError, tomllib.TOMLDecodeError) as exc:
-                raise InvalidArgument("from-file", str(exc)) from exc
+            data = _read_request(from_file)
             data["name"] = name
+            if datastore is not None:
+                data["datastore"] = datastore
             return data
         data = {
             "name": name,
@@ -123,62 +119,109 @@ def create(
             "graphics": {"kind": graphics},
             "autostart": autostart,
         }
+        if datastore is not None:
+            data["datastore"] = datastore
         if appliance:
-            data["boot"], options.kernel_source, options.initrd_source = _appliance_boot(cmdline)
-        elif kernel is not None:
-            data["boot"] = {"kind": "kernel", "kernel": "vmlinuz", "cmdline": cmdline}
-            options.kernel_source = kernel.absolute()
+            data["appliance"] = True
+        elif kernel is not None and not local:
+            data["boot"] = {"kind": "kernel", "kernel": str(kernel), "cmdline": cmdline}
             if initrd is not None:
-                data["boot"]["initrd"] = "initrd.img"
-                options.initrd_source = initrd.absolute()
+                data["boot"]["initrd"] = str(initrd)
         if boot_order is not None:
-            if "boot" in data:
+            if appliance or kernel is not None:
                 raise InvalidArgument("boot-order", "applies to firmware boot, not a kernel")
             data["boot"] = {"kind": "firmware", "order": boot_order.split(",")}
         if not no_cdrom and machine != "microvm":
-            data["cdrom"] = {"path": str(cdrom.absolute()) if cdrom else None}
-            if appliance:
-                # The appliance's kernel has no AHCI driver: its CD-ROM sits on virtio-scsi.
-                data["cdrom"]["bus"] = "scsi"
+            data["cdrom"] = {"path": _host_path(cdrom, local) if cdrom else None}
         if parallel:
             data["parallel"] = {"enabled": True}
         new: list[dict[str, Any]] = [{"size": parse_size(s, "disk")} for s in disk or []]
-        new += [{"source": p.absolute()} for p in import_disk or []]
-        options.new_disks = [
-            validate(NewDisk, {**d, "bus": disk_bus, "format": disk_format}) for d in new
+        new += [{"source": _host_path(p, local)} for p in import_disk or []]
+        data["disks"] = [
+            validate(NewDiskSpec, {**d, "bus": disk_bus, "format": disk_format}).model_dump(
+                mode="json", exclude_none=True
+            )
+            for d in new
         ]
+        if not no_nic:
+            data["nics"] = [{"network": network} for network in nic or ["user"]]
         return data
 
-    data = common.guard(build)
+    req: VmCreate = common.guard(lambda: validate(VmCreate, build()))
 
-    async def go(svc: HostService) -> VmInfo:
-        spec = _validated(data)
-        if from_file is None and not no_nic:
-            nics: list[NicSpec] = []
-            for network in nic or ["user"]:
-                probe = spec.model_copy(update={"nics": nics})
-                nics.append(svc.new_nic(probe, network))
-            spec = _validated({**spec.model_dump(), "nics": [n.model_dump() for n in nics]})
-        info = await svc.create_vm(spec, options)
-        return await svc.start(name) if start else info
+    async def go(host: common.Host) -> VmView:
+        if local_kernel is not None:
+            _check_files(local_kernel, initrd)
+        info: VmView = await host.create_from(req)
+        if local_kernel is not None:
+            info = await _finish(
+                host, name, _boot_local_kernel(host, info, local_kernel, initrd, cmdline)
+            )
+        elif appliance and cmdline and info.spec and isinstance(info.spec.boot, KernelBoot):
+            extra = f"{info.spec.boot.cmdline} {cmdline}"
+            boot = _kernel_boot(info.spec.boot.kernel, info.spec.boot.initrd, extra)
+            info = await _finish(host, name, host.update_vm(name, VmUpdate(boot=boot)))
+        return await host.start(name) if start else info
 
-    info = common.run(go)
+    info = common.run_on_host(go)
     _print_info(info, json_out)
 
 
-def _validated(data: dict[str, Any]) -> VmSpec:
-    from pydantic import ValidationError
+def _read_request(path: Path) -> dict[str, Any]:
+    import tomllib
 
     try:
-        return VmSpec.model_validate(data)
-    except ValidationError as exc:
-        raise invalid_argument(exc) from None
+        data: dict[str, Any] = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise InvalidArgument("from-file", str(exc)) from exc
+    return data
+
+
+def _host_path(path: Path, local: bool) -> str:
+    """A path on the host: a local one made absolute, a remote one as given."""
+    return str(path.absolute()) if local else str(path)
+
+
+def _check_files(kernel: Path, initrd: Path | None) -> None:
+    for field_name, path in (("kernel", kernel), ("initrd", initrd)):
+        if path is not None and not path.is_file():
+            raise InvalidArgument(field_name, f"{path} does not exist")
+
+
+async def _finish(host: common.Host, name: str, step: Awaitable[VmView]) -> VmView:
+    """The last step of a creation; the new VM is deleted if it fails (all or nothing)."""
+    try:
+        return await step
+    except BaseException:
+        with contextlib.suppress(ThinvisorError):
+            await host.delete_vm(name)
+        raise
+
+
+async def _boot_local_kernel(
+    host: common.Host, info: VmView, kernel: Path, initrd: Path | None, cmdline: str
+) -> VmView:
+    """Copy a kernel (and initrd) into a new local VM's directory and boot it directly."""
+    copies = [("kernel", kernel, "vmlinuz"), ("initrd", initrd, "initrd.img")]
+    for field_name, source, target in copies:
+        try:
+            if source is not None:
+                await asyncio.to_thread(shutil.copyfile, source, info.paths.vm_dir / target)
+        except OSError as exc:
+            raise InvalidArgument(field_name, f"cannot copy {source}: {exc.strerror}") from exc
+    boot = _kernel_boot("vmlinuz", "initrd.img" if initrd else None, cmdline)
+    return await host.update_vm(info.name, VmUpdate(boot=boot))
+
+
+def _kernel_boot(kernel: str, initrd: str | None, cmdline: str) -> KernelBoot:
+    # Every field given: VmUpdate applies only the fields set, nested ones too.
+    return KernelBoot(kind="kernel", kernel=kernel, initrd=initrd, cmdline=cmdline)
 
 
 @app.command("list")
 def list_vms(json_out: JsonOpt = False) -> None:
     """List the host's VMs with their state."""
-    vms: list[VmInfo] = common.run(lambda s: s.list_vms())
+    vms: list[VmView] = common.run_on_host(lambda s: s.list_vms())
     if json_out:
         common.print_json([v.to_dict() for v in vms])
         return
@@ -193,7 +236,7 @@ def list_vms(json_out: JsonOpt = False) -> None:
     out.print(table)
 
 
-def _print_info(v: VmInfo, json_out: bool) -> None:
+def _print_info(v: VmView, json_out: bool) -> None:
     if json_out:
         common.print_json(v.to_dict())
         return
@@ -238,12 +281,12 @@ def _boot_text(spec: VmSpec) -> str:
 @app.command()
 def show(name: NameArg, json_out: JsonOpt = False) -> None:
     """Show a VM's configuration and state."""
-    _print_info(common.run(lambda s: s.get_vm(name)), json_out)
+    _print_info(common.run_on_host(lambda s: s.get_vm(name)), json_out)
 
 
 def _power(verb: str, help_text: str) -> None:
     def command(name: NameArg, json_out: JsonOpt = False) -> None:
-        info = common.run(lambda s: getattr(s, verb)(name))
+        info = common.run_on_host(lambda s: getattr(s, verb)(name))
         if json_out:
             common.print_json(info.to_dict())
         else:
@@ -270,7 +313,7 @@ def shutdown(
     json_out: JsonOpt = False,
 ) -> None:
     """Shut a VM down through ACPI; powered off hard if the guest does not within --timeout."""
-    info = common.run(lambda s: s.shutdown(name, timeout))
+    info = common.run_on_host(lambda s: s.shutdown(name, timeout))
     if json_out:
         common.print_json(info.to_dict())
     else:
@@ -280,7 +323,7 @@ def shutdown(
 @app.command()
 def delete(name: NameArg) -> None:
     """Delete a VM and all the files in its directory (refused while it runs)."""
-    common.run(lambda s: s.delete_vm(name))
+    common.run_on_host(lambda s: s.delete_vm(name))
     typer.echo(f"{name}: deleted")
 
 
@@ -291,19 +334,25 @@ def console(
     history: Annotated[int, typer.Option(help="Print this many lines of history first.")] = 0,
 ) -> None:
     """Attach to a VM's serial console. Detach with Ctrl-]."""
-    info: VmInfo = common.run(lambda s: s.get_vm(name))
+    login = common.remote_login()
+    info: VmView = common.run_on_host(lambda s: s.get_vm(name))
     if info.state not in ("running", "paused"):
         common.fail(f"vm {name!r}: cannot attach the console while {info.state}")
     if info.spec is None or all(p.name != port for p in info.spec.serials):
         common.fail(f"serial: vm {name!r} has no serial port {port!r}")
-    if history:
-        sys.stdout.buffer.write(serial.history(info.paths.serial_log(port), history))
-        sys.stdout.buffer.flush()
+    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+    if login is None and history:
+        stdout.write(serial.history(info.paths.serial_log(port), history))
+        stdout.flush()
     if serial.is_terminal():
         typer.echo(f"Connected to {name} ({port}). Detach with {serial.DETACH_KEY_NAME}.", err=True)
-    common.guard(
-        lambda: serial.attach(info.paths.serial_socket(port), sys.stdin.buffer, sys.stdout.buffer)
-    )
+    if login is not None:
+        common.guard(
+            lambda: remote.attach_serial(login, name, port, stdin, stdout, history=history)
+        )
+    else:
+        assert isinstance(info, VmInfo)
+        common.guard(lambda: serial.attach(info.paths.serial_socket(port), stdin, stdout))
     if serial.is_terminal():
         typer.echo("\r\nDetached.", err=True)
 
@@ -320,20 +369,21 @@ def disk_add(
     json_out: JsonOpt = False,
 ) -> None:
     """Add a disk; hot-plugged when the VM is running."""
+    local = common.remote_login() is None
     if size is None and import_image is None:
         common.fail("size: give --size or --import")
     new = common.guard(
         lambda: validate(
-            NewDisk,
+            NewDiskSpec,
             {
                 "size": parse_size(size, "size") if size else None,
-                "source": import_image.absolute() if import_image else None,
+                "source": _host_path(import_image, local) if import_image else None,
                 "bus": bus,
                 "format": fmt,
             },
         )
     )
-    disk = common.run(lambda s: s.add_disk(name, new))
+    disk = common.run_on_host(lambda s: s.add_disk(name, new))
     if json_out:
         common.print_json(disk.model_dump(mode="json"))
     else:
@@ -347,7 +397,7 @@ def disk_remove(
     keep_file: Annotated[bool, typer.Option("--keep-file", help="Keep the image file.")] = False,
 ) -> None:
     """Remove a disk; hot-unplugged when the VM is running."""
-    common.run(lambda s: s.remove_disk(name, disk, keep_file=keep_file))
+    common.run_on_host(lambda s: s.remove_disk(name, disk, keep_file=keep_file))
     typer.echo(f"{name}: removed {disk}")
 
 
@@ -359,18 +409,26 @@ def disk_resize(
 ) -> None:
     """Grow a disk (also while the VM runs)."""
 
-    async def go(svc: HostService) -> int:
+    async def go(host: common.Host) -> int:
         target = parse_size(size.lstrip("+"), "size")
         if size.startswith("+"):
-            entry, spec = svc.inventory.get_valid(name)
-            d = spec.disk(disk)
-            if d is not None:
-                target += (await svc.images.info(entry.paths.resolve(d.path))).virtual_size
-        await svc.resize_disk(name, disk, target)
+            target += await _disk_size(host, name, disk)
+        await host.resize_disk(name, disk, target)
         return target
 
-    target = common.run(go)
+    target = common.run_on_host(go)
     typer.echo(f"{name}: {disk} is now {format_size(target)}")
+
+
+async def _disk_size(host: common.Host, name: str, disk: str) -> int:
+    """A disk's virtual size in bytes (0 for a disk the VM does not have)."""
+    if not isinstance(host, HostService):
+        raise InvalidArgument("size", "a remote host does not tell a disk's size: give it whole")
+    entry, spec = host.inventory.get_valid(name)
+    d = spec.disk(disk)
+    if d is None:
+        return 0
+    return (await host.images.info(entry.paths.resolve(d.path))).virtual_size
 
 
 @cdrom_app.command("insert")
@@ -379,12 +437,14 @@ def cdrom_insert(
     iso: Annotated[Path, typer.Argument(help="An ISO image in a datastore.")],
 ) -> None:
     """Insert an ISO into the CD-ROM drive (also while the VM runs)."""
-    common.run(lambda s: s.insert_cdrom(name, iso.absolute()))
+    login = common.remote_login()
+    path = iso if login is not None else iso.absolute()
+    common.run_on_host(lambda s: s.insert_cdrom(name, path))
     typer.echo(f"{name}: inserted {iso}")
 
 
 @cdrom_app.command("eject")
 def cdrom_eject(name: NameArg) -> None:
     """Eject the CD-ROM drive's medium."""
-    common.run(lambda s: s.eject_cdrom(name))
+    common.run_on_host(lambda s: s.eject_cdrom(name))
     typer.echo(f"{name}: ejected")

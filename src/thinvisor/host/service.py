@@ -19,8 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field
-
+from thinvisor.appliance import Appliance, build_appliance, find_appliance
 from thinvisor.config import HostConfig
 from thinvisor.errors import (
     AlreadyExists,
@@ -30,22 +29,23 @@ from thinvisor.errors import (
 )
 from thinvisor.fs import fsync_dir
 from thinvisor.host import hostinfo
+from thinvisor.host.context import current_user
 from thinvisor.host.engine import process
 from thinvisor.host.engine.accel import AccelChoice, choose_accel
 from thinvisor.host.engine.argv import build_argv, disk_nodes, pci_placement
 from thinvisor.host.engine.paths import SUSPEND_STATE_NAME, VmPaths
 from thinvisor.host.engine.qmp import Monitor
+from thinvisor.host.events import EventLog
 from thinvisor.host.inventory import CREATING, DELETING, Inventory, VmEntry, save_spec
 from thinvisor.host.state import Action, PowerState, check_allowed, power_state_of
+from thinvisor.model.create import NewDiskSpec, VmCreate
 from thinvisor.model.vm import (
     CdromSpec,
-    DiskBus,
-    DiskFormat,
     DiskSpec,
     KernelBoot,
     NicSpec,
-    StrictModel,
     VmSpec,
+    VmUpdate,
     validate,
 )
 from thinvisor.storage.disk import Images
@@ -85,13 +85,7 @@ class VmInfo:
         }
 
 
-class NewDisk(StrictModel):
-    """A disk to create with a new VM or to add to one."""
-
-    size: int | None = Field(default=None, gt=0)  # a new, empty, thin image of this many bytes
-    source: Path | None = None  # or a copy of this image (any format qemu-img reads)
-    bus: DiskBus = "virtio"
-    format: DiskFormat = "qcow2"
+NewDisk = NewDiskSpec
 
 
 @dataclass
@@ -112,12 +106,22 @@ class HostService:
         *,
         accel: Callable[[], AccelChoice] | None = None,
         facts: Callable[[], hostinfo.HostFacts] = hostinfo.host_facts,
+        events: EventLog | None = None,
     ):
         self.config = config
+        self.events = events
         self.inventory = Inventory(config)
         self.images = Images(config.qemu_img_binary)
         self._accel_fn = accel or (lambda: choose_accel(config.accel))
         self._facts = facts
+
+    def emit(self, kind: str, vm: str, message: str, **data: Any) -> None:
+        """Record an event about ``vm`` on behalf of the current user (if there is a log)."""
+        log.info("vm %s: %s", vm, message)
+        if self.events is not None:
+            self.events.emit(
+                kind, message, object=f"vm/{vm}", user=current_user.get(), data=data or None
+            )
 
     def accel(self) -> AccelChoice:
         """The accelerator VMs start with, and why."""
@@ -194,8 +198,44 @@ class HostService:
             except BaseException:
                 shutil.rmtree(staging, ignore_errors=True)
                 raise
-        log.info("vm %s: created in datastore %s", spec.name, datastore.name)
+        self.emit("vm.created", spec.name, f"created in datastore {datastore.name}")
         return await self.get_vm(spec.name)
+
+    async def create_from(self, req: VmCreate) -> VmInfo:
+        """Create a VM from a creation request (what the CLI and the API send)."""
+        data = req.model_dump(exclude={"appliance", "disks", "nics", "datastore"})
+        options = CreateOptions(datastore=req.datastore, new_disks=list(req.disks))
+        if data["boot"] is None:
+            del data["boot"]
+        if req.appliance:
+            image = await asyncio.to_thread(self.appliance)
+            data["boot"] = {
+                "kind": "kernel",
+                "kernel": "vmlinuz",
+                "initrd": "initrd.img",
+                "cmdline": image.cmdline,
+            }
+            options.kernel_source, options.initrd_source = image.kernel, image.initrd
+            if req.cdrom is not None and "bus" not in req.cdrom.model_fields_set:
+                # The appliance's kernel has no AHCI driver: its CD-ROM sits on virtio-scsi.
+                data["cdrom"]["bus"] = "scsi"
+        spec = validate(VmSpec, data)
+        nics: list[NicSpec] = []
+        for new in req.nics:
+            probe = spec.model_copy(update={"nics": nics})
+            nic = {
+                "name": probe.next_device_name("net"),
+                "mac": new.mac or self.new_mac(),
+                "model": new.model,
+                "network": new.network,
+            }
+            nics.append(validate(NicSpec, nic))
+        spec = validate(VmSpec, {**spec.model_dump(), "nics": [n.model_dump() for n in nics]})
+        return await self.create_vm(spec, options)
+
+    def appliance(self) -> Appliance:
+        """The quick-start appliance, built into the cache the first time (blocking)."""
+        return find_appliance(self.config.cache_dir) or build_appliance(self.config.cache_dir)
 
     async def _populate(
         self, spec: VmSpec, options: CreateOptions, building: VmPaths, final: VmPaths
@@ -226,7 +266,7 @@ class HostService:
         filename = f"{name}.{new.format}"
         target = vm_dir / filename
         if new.source is not None:
-            source = self._existing_path(new.source, "disk", vm_dir)
+            source = self._existing_path(Path(new.source), "disk", vm_dir)
             await self.images.convert(source, target, new.format)
             if new.size is not None:
                 info = await self.images.info(target)
@@ -326,7 +366,28 @@ class HostService:
             fsync_dir(doomed.parent)
             await asyncio.to_thread(shutil.rmtree, doomed, True)
             shutil.rmtree(entry.paths.run_dir, ignore_errors=True)
-        log.info("vm %s: deleted", name)
+        self.emit("vm.deleted", name, "deleted")
+
+    async def update_vm(self, name: str, update: VmUpdate) -> VmInfo:
+        """Change a stopped VM's settings; only the fields given change."""
+        async with self.inventory.lock(name):
+            entry, spec, _ = await self._locked_state(name, Action.RECONFIGURE)
+            updated = update.apply(spec)
+            self._check_resources(updated)
+            self._check_paths(updated, entry.paths)
+            save_spec(entry.paths, updated)
+            changed = sorted(update.model_dump(exclude_unset=True))
+            self.emit("vm.reconfigured", name, f"reconfigured: {', '.join(changed)}")
+        return await self.get_vm(name)
+
+    def resolve(self, ref: str) -> str:
+        """A VM's name from its name or its UUID."""
+        if self.inventory.find(ref) is not None:
+            return ref
+        for entry in self.inventory.entries():
+            if entry.spec is not None and entry.spec.uuid == ref.lower():
+                return entry.name
+        raise NotFound(f"vm {ref!r} does not exist")
 
     # Power actions
 
@@ -351,11 +412,18 @@ class HostService:
                 if placed != spec:  # a hand-written vm.toml: keep the placement QEMU gets
                     save_spec(entry.paths, placed)
                 await self._launch(entry, placed, incoming=False)
+            self.emit(
+                "vm.powered_on",
+                name,
+                "powered on"
+                if state is PowerState.STOPPED
+                else "powered on from its suspended state",
+            )
         return await self.get_vm(name)
 
     async def _launch(self, entry: VmEntry, spec: VmSpec, *, incoming: bool) -> None:
         accel = self.accel()
-        log.info("vm %s: starting with %s (%s)", spec.name, accel.name, accel.reason)
+        log.info("vm %s: starting QEMU with %s (%s)", spec.name, accel.name, accel.reason)
         argv = build_argv(
             spec,
             entry.paths,
@@ -399,8 +467,10 @@ class HostService:
             if state is PowerState.SUSPENDED:
                 entry.paths.suspend_state.unlink()
                 fsync_dir(entry.paths.vm_dir)
+                self.emit("vm.powered_off", name, "powered off; its suspended state discarded")
             else:
                 await self._force_off(entry, "powered off by user")
+                self.emit("vm.powered_off", name, "powered off")
         return await self.get_vm(name)
 
     async def _force_off(self, entry: VmEntry, reason: str) -> None:
@@ -428,23 +498,30 @@ class HostService:
             async with Monitor(name, entry.paths.qmp_socket) as mon:
                 await mon.system_powerdown()
             if pid is not None and not await process.wait_gone(entry.paths, pid, timeout):
-                await self._force_off(
-                    entry, f"guest did not shut down within {timeout:g} s; powered off"
-                )
+                reason = f"guest did not shut down within {timeout:g} s; powered off"
+                await self._force_off(entry, reason)
+                self.emit("vm.powered_off", name, reason)
+            else:
+                self.emit("vm.powered_off", name, "guest shut down")
         return await self.get_vm(name)
 
-    async def _simple(self, name: str, action: Action, verb: Callable[[Monitor], Any]) -> VmInfo:
+    async def _simple(
+        self, name: str, action: Action, verb: Callable[[Monitor], Any], event: tuple[str, str]
+    ) -> VmInfo:
         async with self.inventory.lock(name):
             entry, _, _ = await self._locked_state(name, action)
             async with Monitor(name, entry.paths.qmp_socket) as mon:
                 await verb(mon)
+            self.emit(event[0], name, event[1])
         return await self.get_vm(name)
 
     async def reset(self, name: str) -> VmInfo:
-        return await self._simple(name, Action.RESET, lambda m: m.system_reset())
+        return await self._simple(
+            name, Action.RESET, lambda m: m.system_reset(), ("vm.reset", "reset")
+        )
 
     async def pause(self, name: str) -> VmInfo:
-        return await self._simple(name, Action.PAUSE, lambda m: m.stop())
+        return await self._simple(name, Action.PAUSE, lambda m: m.stop(), ("vm.paused", "paused"))
 
     async def resume(self, name: str) -> VmInfo:
         """Continue a paused VM, or restore a suspended one from its saved state."""
@@ -452,9 +529,11 @@ class HostService:
             entry, spec, state = await self._locked_state(name, Action.RESUME)
             if state is PowerState.SUSPENDED:
                 await self._restore(entry, spec)
+                self.emit("vm.resumed", name, "resumed from its suspended state")
             else:
                 async with Monitor(name, entry.paths.qmp_socket) as mon:
                     await mon.cont()
+                self.emit("vm.resumed", name, "resumed")
         return await self.get_vm(name)
 
     async def suspend(self, name: str) -> VmInfo:
@@ -486,6 +565,7 @@ class HostService:
             # Only once QEMU is gone does the state file become the VM's truth.
             partial.rename(final)
             fsync_dir(final.parent)
+            self.emit("vm.suspended", name, "suspended to disk")
         return await self.get_vm(name)
 
     # Disks and CD-ROM
@@ -513,6 +593,7 @@ class HostService:
             except BaseException:
                 entry.paths.resolve(disk.path).unlink(missing_ok=True)
                 raise
+            self.emit("vm.disk_added", name, f"disk {disk.name} added", disk=disk.name)
         return disk
 
     async def _hotplug_disk(self, entry: VmEntry, spec: VmSpec, disk: DiskSpec) -> None:
@@ -555,6 +636,7 @@ class HostService:
             path = entry.paths.resolve(disk.path)
             if not keep_file and path.resolve().is_relative_to(entry.paths.vm_dir.resolve()):
                 path.unlink(missing_ok=True)
+            self.emit("vm.disk_removed", name, f"disk {disk.name} removed", disk=disk.name)
 
     async def resize_disk(self, name: str, disk_name: str, size: int) -> DiskSpec:
         """Grow a disk; online through QMP when QEMU has it open."""
@@ -574,6 +656,13 @@ class HostService:
             else:
                 async with Monitor(name, entry.paths.qmp_socket) as mon:
                     await mon.block_resize(f"{disk.name}-fmt", size)
+            self.emit(
+                "vm.disk_resized",
+                name,
+                f"disk {disk.name} grown to {size} bytes",
+                disk=disk.name,
+                size=size,
+            )
         return disk
 
     async def insert_cdrom(self, name: str, iso: Path) -> CdromSpec:
@@ -587,6 +676,7 @@ class HostService:
                     await mon.change_medium("cdrom0", str(full))
             cdrom = spec.cdrom.model_copy(update={"path": str(full)})
             save_spec(entry.paths, spec.model_copy(update={"cdrom": cdrom}))
+            self.emit("vm.cdrom_changed", name, f"CD-ROM: {full} inserted", path=str(full))
         return cdrom
 
     async def eject_cdrom(self, name: str) -> CdromSpec:
@@ -599,6 +689,7 @@ class HostService:
                     await mon.eject("cdrom0")
             cdrom = spec.cdrom.model_copy(update={"path": None})
             save_spec(entry.paths, spec.model_copy(update={"cdrom": cdrom}))
+            self.emit("vm.cdrom_changed", name, "CD-ROM ejected")
         return cdrom
 
 

@@ -186,6 +186,8 @@ class VmSpec(StrictModel):
     parallel: ParallelSpec | None = None
     graphics: GraphicsSpec = Field(default_factory=GraphicsSpec)
     autostart: bool = False
+    # Autostart VMs start in ascending order (then by name) and stop in reverse.
+    autostart_order: int = Field(default=0, ge=0, le=10_000)
 
     @field_validator("uuid")
     @classmethod
@@ -258,6 +260,28 @@ class VmSpec(StrictModel):
 
 
 _TAGS = ("kernel", "firmware")
+
+
+class VmUpdate(StrictModel):
+    """The settings of a stopped VM that may change; only the fields given are applied.
+
+    Devices change through their own actions (disks, CD-ROM), the name and UUID never.
+    """
+
+    vcpus: int | None = Field(default=None, ge=1, le=VCPUS_MAX)
+    memory_mib: int | None = Field(default=None, ge=MEMORY_MIN_MIB)
+    machine: MachineType | None = None
+    boot: BootSpec | None = None
+    parallel: ParallelSpec | None = None
+    graphics: GraphicsSpec | None = None
+    autostart: bool | None = None
+    autostart_order: int | None = Field(default=None, ge=0, le=10_000)
+
+    def apply(self, spec: VmSpec) -> VmSpec:
+        """``spec`` with the given fields replaced, validated as a whole."""
+        # The fields given, each whole (a nested default such as boot.kind included).
+        changes = self.model_dump(include=self.model_fields_set)
+        return validate(VmSpec, {**spec.model_dump(), **changes})
 
 
 def _field_of(error: Any) -> str:

@@ -1,0 +1,1 @@
+"""The host agent's REST API."""

@@ -1,0 +1,71 @@
+"""``/tasks``: long operations answer 202 with a task; here is where they are followed."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+
+from thinvisor.api.auth import agent_of, require
+from thinvisor.api.errors import ERROR_RESPONSES
+from thinvisor.auth import Permission, User
+from thinvisor.host.tasks import Progress, Task
+
+router = APIRouter(prefix="/tasks", tags=["tasks"], responses=ERROR_RESPONSES)
+
+Reader = Annotated[User, Depends(require(Permission.READ))]
+
+
+class TaskError(BaseModel):
+    error: str
+    message: str
+
+
+class TaskOut(BaseModel):
+    id: str
+    kind: str
+    object: str | None
+    user: str | None
+    state: str
+    progress: int
+    message: str | None
+    result: Any = None
+    error: TaskError | None = None
+    created: str | None
+    started: str | None
+    finished: str | None
+
+
+def task_out(task: Task) -> TaskOut:
+    return TaskOut.model_validate(task.to_dict())
+
+
+def accepted(
+    request: Request, kind: str, obj: str, user: User, work: Callable[[Progress], Awaitable[Any]]
+) -> JSONResponse:
+    """Start ``work`` as a task and answer 202 with it."""
+    task = agent_of(request).tasks.submit(kind, obj, user.name, work)
+    body = task_out(task).model_dump(mode="json")
+    return JSONResponse(body, status_code=202, headers={"Location": f"/api/v1/tasks/{task.id}"})
+
+
+ACCEPTED: dict[int | str, dict[str, Any]] = {202: {"model": TaskOut, "description": "a task"}}
+
+
+@router.get("", response_model=list[TaskOut])
+async def list_tasks(
+    request: Request,
+    user: Reader,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    object: str | None = None,
+) -> list[TaskOut]:
+    """Recent tasks, newest first."""
+    return [task_out(t) for t in agent_of(request).tasks.list(limit=limit, object=object)]
+
+
+@router.get("/{task_id}", response_model=TaskOut)
+async def get_task(task_id: str, request: Request, user: Reader) -> TaskOut:
+    return task_out(agent_of(request).tasks.get(task_id))

@@ -1,0 +1,133 @@
+"""The host agent: what ``thinvisor host serve`` runs, the role hostd played on ESX 3i.
+
+It owns the service, the event log, the tasks and the users; it starts the autostart
+VMs, and it watches running VMs so that a guest that powers itself off or a QEMU that
+dies becomes an event. VMs are separate processes: the agent stopping or restarting
+touches none of them, and a new agent finds them again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from pathlib import Path
+
+from thinvisor.auth import LoginThrottle, User, UserStore
+from thinvisor.config import HostConfig
+from thinvisor.errors import ThinvisorError
+from thinvisor.host.engine import process
+from thinvisor.host.events import EventLog
+from thinvisor.host.service import HostService
+from thinvisor.host.tasks import TaskManager
+
+log = logging.getLogger(__name__)
+
+WATCH_INTERVAL_S = 1.0
+
+
+class HostAgent:
+    def __init__(self, config: HostConfig, *, service: HostService | None = None):
+        self.config = config
+        config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.events = EventLog(config.state_dir / "events.jsonl")
+        self.service = service or HostService(config, events=self.events)
+        self.service.events = self.events
+        self.tasks = TaskManager(self.events)
+        self.users = UserStore(config.state_dir / "users.json")
+        self.throttle = LoginThrottle()
+        self._background: list[asyncio.Task[object]] = []
+        self._running: dict[str, bool] = {}
+        self.tls_fingerprint: str | None = None  # set by the server once TLS is set up
+
+    @property
+    def state_dir(self) -> Path:
+        return self.config.state_dir
+
+    async def authenticate(self, name: str, password: str) -> User | None:
+        # Password hashing is deliberately slow: keep it off the event loop.
+        return await asyncio.to_thread(self.users.authenticate, name, password)
+
+    async def start(self, *, autostart: bool = True) -> None:
+        """Reattach to what runs, begin watching, and start the autostart VMs."""
+        vms = await self.service.list_vms()
+        running = [v.name for v in vms if v.state in ("running", "paused")]
+        self._running = {v.name: v.state in ("running", "paused") for v in vms}
+        self.events.emit(
+            "agent.started",
+            f"host agent started; {len(running)} of {len(vms)} VMs running",
+            data={"running": running},
+        )
+        self._background.append(asyncio.create_task(self._watch(), name="vm-watcher"))
+        if autostart:
+            self._background.append(asyncio.create_task(self.autostart(), name="autostart"))
+
+    async def stop(self) -> None:
+        """Stop the agent; the VMs keep running."""
+        for task in self._background:
+            task.cancel()
+        for task in self._background:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._background.clear()
+        await self.tasks.close()
+        self.events.emit("agent.stopped", "host agent stopped; VMs keep running")
+
+    async def autostart(self) -> list[str]:
+        """Start the autostart VMs in their order, ``autostart_delay_s`` apart."""
+        started: list[str] = []
+        for name in self.autostart_order():
+            vm = await self.service.get_vm(name)
+            if vm.state not in ("stopped", "suspended"):
+                continue
+            if started and self.config.autostart_delay_s:
+                await asyncio.sleep(self.config.autostart_delay_s)
+            try:
+                await self.service.start(name)
+                started.append(name)
+            except ThinvisorError as exc:
+                self.events.emit(
+                    "vm.autostart_failed", f"autostart failed: {exc}", object=f"vm/{name}"
+                )
+        return started
+
+    def autostart_order(self) -> list[str]:
+        entries = [e for e in self.service.inventory.entries() if e.spec and e.spec.autostart]
+        entries.sort(key=lambda e: (e.spec.autostart_order if e.spec else 0, e.name))
+        return [e.name for e in entries]
+
+    async def shutdown_autostart_vms(self, timeout: float | None = None) -> list[str]:
+        """Shut the autostart VMs down in reverse order (as ESXi's host shutdown)."""
+        stopped: list[str] = []
+        for name in reversed(self.autostart_order()):
+            vm = await self.service.get_vm(name)
+            if vm.state == "running":
+                await self.service.shutdown(name, timeout)
+                stopped.append(name)
+            elif vm.state == "paused":
+                await self.service.stop(name)
+                stopped.append(name)
+        return stopped
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(WATCH_INTERVAL_S)
+            try:
+                self._check_vms()
+            except Exception:
+                log.exception("watching VMs failed")
+
+    def _check_vms(self) -> None:
+        """Turn VMs that stopped on their own (guest poweroff, QEMU death) into events."""
+        seen: dict[str, bool] = {}
+        for entry in self.service.inventory.entries():
+            alive = process.running_pid(entry.paths) is not None
+            seen[entry.name] = alive
+            if alive or not self._running.get(entry.name):
+                continue
+            if process.read_stop_record(entry.paths) is not None:
+                continue  # thinvisor stopped it, and said so when it did
+            reason = process.exit_reason(entry.paths) or "QEMU exited"
+            kind = "vm.crashed" if "abruptly" in reason else "vm.powered_off"
+            self.events.emit(kind, reason, object=f"vm/{entry.name}")
+        self._running = seen
