@@ -10,6 +10,7 @@ import pytest
 
 from thinvisor.appliance import Appliance, build_appliance
 
+from .agentenv import TestAgent
 from .hostenv import TestHost
 
 CACHE_ENV = "THINVISOR_TEST_CACHE"
@@ -36,3 +37,14 @@ def host(appliance: Appliance) -> Iterator[TestHost]:
         yield h
     finally:
         h.close()
+
+
+@pytest.fixture
+def agent(host: TestHost) -> Iterator[TestAgent]:
+    """A real ``thinvisor host serve`` on that host, ended afterwards."""
+    a = TestAgent(host)
+    try:
+        a.start()
+        yield a
+    finally:
+        a.close()

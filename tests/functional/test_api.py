@@ -9,7 +9,6 @@ import signal
 import ssl
 import struct
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -21,16 +20,6 @@ from .agentenv import PASSWORD, TestAgent
 from .hostenv import TestHost
 
 pytestmark = pytest.mark.functional
-
-
-@pytest.fixture
-def agent(host: TestHost) -> Iterator[TestAgent]:
-    a = TestAgent(host)
-    try:
-        a.start()
-        yield a
-    finally:
-        a.close()
 
 
 def basic(user: str = "admin") -> dict[str, str]:

@@ -5,27 +5,15 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from .agentenv import PASSWORD, TestAgent
-from .hostenv import TestHost
 
 pytestmark = pytest.mark.functional
 
 SCHEMATHESIS = str(Path(sys.executable).with_name("schemathesis"))
-
-
-@pytest.fixture
-def agent(host: TestHost) -> Iterator[TestAgent]:
-    a = TestAgent(host)
-    try:
-        a.start()
-        yield a
-    finally:
-        a.close()
 
 
 def test_schemathesis_finds_no_server_error_and_no_schema_violation(agent: TestAgent) -> None:

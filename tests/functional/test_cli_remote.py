@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-from collections.abc import Iterator
 
 import pytest
 
@@ -16,16 +15,6 @@ from .agentenv import PASSWORD, TestAgent
 from .hostenv import THINVISOR, TestHost
 
 pytestmark = pytest.mark.functional
-
-
-@pytest.fixture
-def agent(host: TestHost) -> Iterator[TestAgent]:
-    a = TestAgent(host)
-    try:
-        a.start()
-        yield a
-    finally:
-        a.close()
 
 
 class Cli:
