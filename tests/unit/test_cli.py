@@ -182,3 +182,35 @@ def test_boot_order(env: dict[str, str]) -> None:
     assert err == "error: boot.order: must not repeat a device\n"
     err = tv(env, "vm", "create", "vm2", "--kernel", "/k", "--boot-order", "disk", code=1)
     assert err == "error: boot-order: applies to firmware boot, not a kernel\n"
+
+
+def test_set_changes_a_stopped_vm(env: dict[str, str]) -> None:
+    tv(env, "vm", "create", "vm1", "--memory", "64")
+    tv(
+        env,
+        "vm",
+        "set",
+        "vm1",
+        "--memory",
+        "96",
+        "--vcpus",
+        "2",
+        "--autostart",
+        "--autostart-order",
+        "3",
+    )
+    spec = json.loads(tv(env, "vm", "show", "vm1", "--json"))["spec"]
+    assert (spec["memory_mib"], spec["vcpus"], spec["autostart"], spec["autostart_order"]) == (
+        96,
+        2,
+        True,
+        3,
+    )
+    assert tv(env, "vm", "set", "vm1", code=1) == (
+        "error: settings: give at least one option to change\n"
+    )
+    assert tv(env, "vm", "set", "vm1", "--memory", "8", code=1) == (
+        "error: memory_mib: Input should be greater than or equal to 32\n"
+    )
+    tv(env, "vm", "set", "vm1", "--no-autostart")
+    assert json.loads(tv(env, "vm", "show", "vm1", "--json"))["spec"]["autostart"] is False

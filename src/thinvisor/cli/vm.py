@@ -284,6 +284,34 @@ def show(name: NameArg, json_out: JsonOpt = False) -> None:
     _print_info(common.run_on_host(lambda s: s.get_vm(name)), json_out)
 
 
+@app.command("set")
+def set_settings(
+    name: NameArg,
+    memory: Annotated[str | None, typer.Option(help="Memory: MiB, or a size like 1G.")] = None,
+    vcpus: Annotated[int | None, typer.Option(help="Virtual CPUs.")] = None,
+    autostart: Annotated[
+        bool | None, typer.Option("--autostart/--no-autostart", help="Start with the host.")
+    ] = None,
+    autostart_order: Annotated[
+        int | None, typer.Option(help="Autostart position (lower starts first).")
+    ] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Change a stopped VM's settings; only the options given change."""
+    changes: dict[str, Any] = {
+        "vcpus": vcpus,
+        "autostart": autostart,
+        "autostart_order": autostart_order,
+    }
+    if memory is not None:
+        changes["memory_mib"] = common.guard(lambda: parse_memory(memory))
+    changes = {k: v for k, v in changes.items() if v is not None}
+    if not changes:
+        common.fail("settings: give at least one option to change")
+    update = common.guard(lambda: validate(VmUpdate, changes))
+    _print_info(common.run_on_host(lambda s: s.update_vm(name, update)), json_out)
+
+
 def _power(verb: str, help_text: str) -> None:
     def command(name: NameArg, json_out: JsonOpt = False) -> None:
         info = common.run_on_host(lambda s: getattr(s, verb)(name))
