@@ -8,7 +8,7 @@ STAMPS := .stamps
 # Everything thinvisor and its tests need from Debian.
 APT_PACKAGES := qemu-system-x86 qemu-utils seabios ipxe-qemu util-linux cpio \
 	python3-venv python3-dev \
-	xorriso isolinux syslinux syslinux-common mtools dosfstools
+	xorriso isolinux syslinux syslinux-common mtools dosfstools sblim-wbemcli
 
 .PHONY: all deps demo test lint unit functional clean
 
@@ -29,7 +29,15 @@ $(BIN)/thinvisor: pyproject.toml $(STAMPS)/apt
 	$(BIN)/pip install -q -e '.[dev]'
 	@touch $@
 
-deps: $(BIN)/thinvisor
+# pywbemcli, a real CIM client for the tests, in its own environment: its pins do not
+# fit beside the agent's.
+TOOLS := .venv-tools
+$(TOOLS)/bin/pywbemcli: $(STAMPS)/apt
+	@test -x $(TOOLS)/bin/python || $(PYTHON) -m venv $(TOOLS)
+	$(TOOLS)/bin/pip install -q pywbemtools==1.4.1
+	@touch $@
+
+deps: $(BIN)/thinvisor $(TOOLS)/bin/pywbemcli
 
 demo: deps
 	$(BIN)/python -m thinvisor.demo
@@ -49,4 +57,4 @@ test: lint
 	$(BIN)/pytest tests
 
 clean:
-	rm -rf $(VENV) $(STAMPS) build src/*.egg-info
+	rm -rf $(VENV) $(TOOLS) $(STAMPS) build src/*.egg-info

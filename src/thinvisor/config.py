@@ -55,6 +55,15 @@ class ApiConfig(StrictModel):
     upload_max_bytes: int = Field(default=64 << 30, gt=0)
 
 
+class CimConfig(StrictModel):
+    """The host agent's CIM-XML (WBEM) server: ``/cimom``, HTTPS, Basic authentication."""
+
+    enabled: bool = True
+    port: int = Field(default=5989, ge=1, le=65535)
+    # Plain HTTP (the WBEM port 5988) only when an operator asks for it.
+    http_port: int | None = Field(default=None, ge=1, le=65535)
+
+
 class HostConfig(StrictModel):
     """Where things live and how VMs are run on this host."""
 
@@ -70,6 +79,7 @@ class HostConfig(StrictModel):
     # Autostart: seconds between one VM's start and the next, as ESXi's startDelay.
     autostart_delay_s: float = Field(default=10.0, ge=0)
     api: ApiConfig = Field(default_factory=ApiConfig)
+    cim: CimConfig = Field(default_factory=CimConfig)
 
     @field_validator("datastores")
     @classmethod

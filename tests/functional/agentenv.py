@@ -34,6 +34,7 @@ class TestAgent:
     def __init__(self, host: TestHost):
         self.host = host
         self.port = free_port()
+        self.cim_port = free_port()
         self.state_dir = host.config.state_dir
         # Top-level keys go before the first table, the [api] table at the end.
         top, tables = host.config_file.read_text().split("[[datastores]]", 1)
@@ -41,7 +42,9 @@ class TestAgent:
             f"{top}autostart_delay_s = 0.5\n"
             f"[[datastores]]{tables}"
             f'[api]\nlisten = "127.0.0.1"\nport = {self.port}\n'
+            f"[cim]\nport = {self.cim_port}\n"
         )
+        self.cim_url = f"https://127.0.0.1:{self.cim_port}"
         self.base = f"https://127.0.0.1:{self.port}/api/v1"
         self.cert = self.state_dir / "tls" / "host.crt"
         self.log = host.root / "agent.log"

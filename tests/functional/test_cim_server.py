@@ -422,7 +422,7 @@ def test_raw_request_answers_with_cim_headers(url: str) -> None:
     assert response.status_code == 200
     assert response.headers["CIMOperation"] == "MethodResponse"
     assert response.headers["Content-Type"] == "application/xml; charset=utf-8"
-    assert b'<CLASSNAME NAME="CIM_ComputerSystem"/>' in response.content
+    assert b'<CLASSNAME NAME="CIM_ComputerSystem"></CLASSNAME>' in response.content
 
 
 def test_malformed_and_hostile_xml_are_400(url: str) -> None:

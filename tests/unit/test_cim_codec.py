@@ -320,3 +320,14 @@ def test_codec_is_the_only_importer_of_pywbem_internals() -> None:
     private = re.compile(r"^\s*(from\s+pywbem(\._\w+|\s+import\s+_)|import\s+pywbem\._)", re.M)
     importers = [p for p in src.rglob("*.py") if private.search(p.read_text())]
     assert importers == [Path(codec.__file__)]
+
+
+def test_empty_elements_are_written_in_full_for_strict_clients() -> None:
+    # sblim's wbemcli cannot parse a self-closed <PROPERTY .../>.
+    from thinvisor.cim.codec import _document
+
+    body = _document(
+        CIMInstance("TV_X", properties={"A": CIMProperty("A", None, type="string")}).tocimxml(), "1"
+    )
+    assert b"/>" not in body
+    assert b'<PROPERTY NAME="A" TYPE="string"></PROPERTY>' in body

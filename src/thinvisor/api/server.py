@@ -5,9 +5,11 @@ SIGTERM and SIGINT stop the agent gracefully; the VMs keep running.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 from pathlib import Path
+from typing import Any, Literal
 
 import uvicorn
 
@@ -48,18 +50,54 @@ def serve(config: HostConfig, *, listen: str | None = None, port: int | None = N
         scheme = "https"
         log.info("TLS certificate SHA-256 fingerprint: %s", fingerprint)
     host = listen or config.api.listen
-    bind_port = port or config.api.port
-    log.info("thinvisor host agent on %s://%s:%d/api/v1", scheme, host, bind_port)
-    server = uvicorn.Server(
+    servers = [_server(create_app(agent), host, port or config.api.port, tls, lifespan="on")]
+    log.info("thinvisor host agent on %s://%s:%d/api/v1", scheme, host, port or config.api.port)
+    servers += _cim_servers(config, agent, host, tls)
+    asyncio.run(_serve_all(servers))
+
+
+def _server(
+    app: Any, host: str, port: int, tls: dict[str, str], *, lifespan: Literal["on", "off"]
+) -> uvicorn.Server:
+    return uvicorn.Server(
         uvicorn.Config(
-            create_app(agent),
+            app,
             host=host,
-            port=bind_port,
+            port=port,
             ws="websockets-sansio",
-            lifespan="on",
+            lifespan=lifespan,
             server_header=False,
             log_config=None,
             **tls,  # type: ignore[arg-type]
         )
     )
-    server.run()
+
+
+def _cim_servers(
+    config: HostConfig, agent: HostAgent, host: str, tls: dict[str, str]
+) -> list[uvicorn.Server]:
+    """The CIM server: HTTPS on ``[cim] port``, plain HTTP only on ``[cim] http_port``."""
+    if not config.cim.enabled:
+        return []
+    from thinvisor.cim.providers import default_registry
+    from thinvisor.cim.schema import load_repository
+    from thinvisor.cim.server import create_cim_app
+
+    app = create_cim_app(agent, load_repository(config.cache_dir), default_registry())
+    servers = []
+    if tls:
+        servers.append(_server(app, host, config.cim.port, tls, lifespan="off"))
+        log.info("CIM server on https://%s:%d/cimom", host, config.cim.port)
+    if config.cim.http_port is not None:
+        servers.append(_server(app, host, config.cim.http_port, {}, lifespan="off"))
+        log.info("CIM server on http://%s:%d/cimom (plain HTTP)", host, config.cim.http_port)
+    return servers
+
+
+async def _serve_all(servers: list[uvicorn.Server]) -> None:
+    """Run every server; when one stops (SIGTERM reaches them all), stop the others."""
+    tasks = [asyncio.create_task(s.serve()) for s in servers]
+    await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    for server in servers:
+        server.should_exit = True
+    await asyncio.gather(*tasks, return_exceptions=True)

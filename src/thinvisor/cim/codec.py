@@ -11,6 +11,7 @@ its SAX handler would have produced.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -132,10 +133,14 @@ def _typed(value: Any, paramtype: str | None) -> Any:
 # Responses
 
 
+# An empty element written out in full: sblim's wbemcli cannot parse <PROPERTY .../>.
+_EMPTY_ELEMENT = re.compile(r"<([A-Z][A-Z0-9._]*)((?:\s[^<>]*?)?)\s*/>")
+
+
 def _document(payload: Any, message_id: str) -> bytes:
     message = cimxml.MESSAGE(cimxml.SIMPLERSP(payload), message_id, PROTOCOL_VERSION)
     doc = cimxml.CIM(message, CIM_VERSION, DTD_VERSION)
-    text: str = doc.toxml()
+    text: str = _EMPTY_ELEMENT.sub(r"<\1\2></\1>", doc.toxml())
     return _XML_DECLARATION + text.encode("utf-8")
 
 
