@@ -179,6 +179,8 @@ def demo() -> None:
         f"  .venv/bin/thinvisor vm shutdown {NAME}     # ACPI; 'vm stop' pulls the plug\n"
         f"  .venv/bin/thinvisor vm delete {NAME}\n"
         f"  the OpenAPI schema: {base}/openapi.json, browsable at {base}/docs\n"
+        f"  CIM: .venv-tools/bin/pywbemcli -s https://127.0.0.1:{config.cim.port} "
+        f"--ca-certs {cert} -u {user} -p ... server profiles\n"
     )
 
 
