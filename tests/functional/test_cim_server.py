@@ -269,6 +269,21 @@ def test_get_instance(conn: WBEMConnection) -> None:
     assert cim_status(exc) == pywbem.CIM_ERR_NOT_FOUND
 
 
+def test_wrong_key_bindings_and_unknown_properties(conn: WBEMConnection) -> None:
+    wrong_key = CIMInstanceName("TV_ComputerSystem", {"Bogus": "vm1"}, namespace=CIMV2)
+    with pytest.raises(pywbem.CIMError) as exc:
+        conn.GetInstance(wrong_key)
+    assert cim_status(exc) in (pywbem.CIM_ERR_NOT_FOUND, pywbem.CIM_ERR_INVALID_PARAMETER)
+    missing_key = CIMInstanceName("TV_ComputerSystem", {"Name": "vm1"}, namespace=CIMV2)
+    with pytest.raises(pywbem.CIMError) as exc:
+        conn.GetInstance(missing_key)
+    assert cim_status(exc) in (pywbem.CIM_ERR_NOT_FOUND, pywbem.CIM_ERR_INVALID_PARAMETER)
+    # DSP0200: a PropertyList naming a property the class lacks is not an error; the
+    # property is simply not there.
+    only = conn.GetInstance(system_path("vm1"), PropertyList=["NoSuchProperty"])
+    assert set(only.properties) == set()
+
+
 # Associations
 
 
