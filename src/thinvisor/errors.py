@@ -7,6 +7,8 @@ into these at the engine boundary with ``raise ... from exc``.
 
     ThinvisorError                      500  CIM_ERR_FAILED
      +-- InvalidArgument                400  CIM_ERR_INVALID_PARAMETER   (field, reason)
+     +-- Unauthenticated                401  CIM_ERR_ACCESS_DENIED       (wrong or no credentials)
+     +-- TooManyAttempts                429  CIM_ERR_ACCESS_DENIED       (retry_after seconds)
      +-- NotFound                       404  CIM_ERR_NOT_FOUND
      +-- AlreadyExists                  409  CIM_ERR_ALREADY_EXISTS
      +-- InvalidState                   409  CIM_ERR_FAILED              (vm, state, action)
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 # CIM status codes (DSP0200); numeric here so that this module imports nothing.
 CIM_ERR_FAILED = 1
+CIM_ERR_ACCESS_DENIED = 2
 CIM_ERR_INVALID_PARAMETER = 4
 CIM_ERR_NOT_FOUND = 6
 CIM_ERR_ALREADY_EXISTS = 11
@@ -52,6 +55,22 @@ class InvalidArgument(ThinvisorError):
         super().__init__(f"{field}: {reason}")
         self.field = field
         self.reason = reason
+
+
+class Unauthenticated(ThinvisorError):
+    http_status = 401
+    cim_status = CIM_ERR_ACCESS_DENIED
+
+
+class TooManyAttempts(ThinvisorError):
+    """Failed logins from one address are slowed down: try again after ``retry_after``."""
+
+    http_status = 429
+    cim_status = CIM_ERR_ACCESS_DENIED
+
+    def __init__(self, retry_after: float) -> None:
+        super().__init__(f"too many failed logins; try again in {retry_after:.0f} s")
+        self.retry_after = retry_after
 
 
 class NotFound(ThinvisorError):

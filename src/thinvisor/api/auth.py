@@ -15,6 +15,7 @@ from pydantic import BaseModel
 
 from thinvisor.api.errors import ERROR_RESPONSES, error_response
 from thinvisor.auth import Permission, User, allows
+from thinvisor.errors import TooManyAttempts, Unauthenticated
 from thinvisor.host.agent import HostAgent
 from thinvisor.host.context import current_user
 from thinvisor.model.vm import StrictModel
@@ -38,26 +39,14 @@ def _unauthorized(message: str) -> HTTPException:
 
 
 async def check_password(agent: HostAgent, address: str, name: str, password: str) -> User:
-    """A user by password, throttled per address; failures are refused and recorded."""
-    wait = agent.throttle.delay(address)
-    if wait > 0:
-        raise HTTPException(
-            429,
-            f"too many failed logins; try again in {wait:.0f} s",
-            headers={"Retry-After": str(int(wait) + 1)},
-        )
-    user = await agent.authenticate(name, password)
-    if user is None:
-        agent.throttle.failed(address)
-        agent.events.emit(
-            "auth.login_failed",
-            f"login failed for {name!r} from {address}",
-            object=f"user/{name}",
-            data={"address": address},
-        )
-        raise _unauthorized("wrong user name or password")
-    agent.throttle.succeeded(address)
-    return user
+    """A user by password through the agent's one throttled check, as HTTP errors."""
+    try:
+        return await agent.check_password(address, name, password, "api")
+    except TooManyAttempts as exc:
+        retry = {"Retry-After": str(int(exc.retry_after) + 1)}
+        raise HTTPException(429, str(exc), headers=retry) from None
+    except Unauthenticated as exc:
+        raise _unauthorized(str(exc)) from None
 
 
 async def authenticate(conn: Request | WebSocket) -> User:

@@ -25,7 +25,7 @@ from thinvisor.cim.codec import CimRequest, RequestError
 from thinvisor.cim.operations import Dispatcher
 from thinvisor.cim.provider import CimContext, Registry, same_namespace
 from thinvisor.cim.schema import ClassRepository
-from thinvisor.errors import ThinvisorError
+from thinvisor.errors import ThinvisorError, TooManyAttempts, Unauthenticated
 from thinvisor.host.agent import HostAgent
 
 log = logging.getLogger(__name__)
@@ -151,20 +151,9 @@ async def _authenticate(agent: HostAgent, request: Request) -> User:
         raise _Refused(401, "malformed Basic credentials", _CHALLENGE) from None
     if not sep:
         raise _Refused(401, "malformed Basic credentials", _CHALLENGE)
-    address = _client(request)
-    wait = agent.throttle.delay(address)
-    if wait > 0:
-        message = f"too many failed logins; try again in {wait:.0f} s"
-        raise _Refused(429, message, {"Retry-After": str(int(wait) + 1)})
-    user = await agent.authenticate(name, password)
-    if user is None:
-        agent.throttle.failed(address)
-        agent.events.emit(
-            "auth.login_failed",
-            f"CIM login failed for {name!r} from {address}",
-            object=f"user/{name}",
-            data={"address": address, "via": "cim"},
-        )
-        raise _Refused(401, "wrong user name or password", _CHALLENGE)
-    agent.throttle.succeeded(address)
-    return user
+    try:
+        return await agent.check_password(_client(request), name, password, "cim")
+    except TooManyAttempts as exc:
+        raise _Refused(429, str(exc), {"Retry-After": str(int(exc.retry_after) + 1)}) from None
+    except Unauthenticated as exc:
+        raise _Refused(401, str(exc), _CHALLENGE) from None

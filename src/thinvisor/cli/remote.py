@@ -56,6 +56,8 @@ from thinvisor.errors import (
     NotFound,
     QemuError,
     ThinvisorError,
+    TooManyAttempts,
+    Unauthenticated,
 )
 from thinvisor.fs import atomic_write
 from thinvisor.model.create import NewDiskSpec, VmCreate
@@ -244,6 +246,8 @@ ERRORS: dict[str, type[ThinvisorError]] = {
     "qemu_error": QemuError,
     "image_error": ImageError,
     "appliance_build_error": ApplianceBuildError,
+    "unauthenticated": Unauthenticated,
+    "too_many_attempts": TooManyAttempts,
 }
 _INVALID_STATE = re.compile(r"vm '(.*)': cannot (.+) while (\S+)")
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from thinvisor.auth import LoginThrottle, User, UserStore
 from thinvisor.config import HostConfig
-from thinvisor.errors import ThinvisorError
+from thinvisor.errors import ThinvisorError, TooManyAttempts, Unauthenticated
 from thinvisor.host.engine import process
 from thinvisor.host.events import EventLog
 from thinvisor.host.service import HostService
@@ -47,6 +47,25 @@ class HostAgent:
     async def authenticate(self, name: str, password: str) -> User | None:
         # Password hashing is deliberately slow: keep it off the event loop.
         return await asyncio.to_thread(self.users.authenticate, name, password)
+
+    async def check_password(self, address: str, name: str, password: str, via: str) -> User:
+        """A user by password, for any edge (REST, CIM): failed logins from one address
+        are slowed down, and each is refused and recorded."""
+        wait = self.throttle.delay(address)
+        if wait > 0:
+            raise TooManyAttempts(wait)
+        user = await self.authenticate(name, password)
+        if user is None:
+            self.throttle.failed(address)
+            self.events.emit(
+                "auth.login_failed",
+                f"login failed for {name!r} from {address} ({via})",
+                object=f"user/{name}",
+                data={"address": address, "via": via},
+            )
+            raise Unauthenticated("wrong user name or password")
+        self.throttle.succeeded(address)
+        return user
 
     async def start(self, *, autostart: bool = True) -> None:
         """Reattach to what runs, begin watching, and start the autostart VMs."""
