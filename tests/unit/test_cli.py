@@ -214,3 +214,13 @@ def test_set_changes_a_stopped_vm(env: dict[str, str]) -> None:
     )
     tv(env, "vm", "set", "vm1", "--no-autostart")
     assert json.loads(tv(env, "vm", "show", "vm1", "--json"))["spec"]["autostart"] is False
+
+
+def test_tables_print_macs_and_fingerprints_literally() -> None:
+    # rich would turn ":ab:" into an emoji and "[...]" into markup by default.
+    from thinvisor.cli import common
+
+    con = common.console()
+    with con.capture() as captured:
+        con.print("02:ab:76:ab:00:01 AF:85:7E:AB:67")
+    assert captured.get().strip() == "02:ab:76:ab:00:01 AF:85:7E:AB:67"

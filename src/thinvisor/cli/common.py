@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, NoReturn, TypeAlias, TypeVar
 
 import typer
+from rich.console import Console
 
 from thinvisor.cli.remote import Login, RemoteHost, load_login
 from thinvisor.config import HostConfig, load_config
@@ -41,6 +42,11 @@ def config() -> HostConfig:
         _state["config"] = load_config(_state.get("config_path"))
     cfg: HostConfig = _state["config"]
     return cfg
+
+
+def console() -> Console:
+    """Rich output without its markup guesses: a MAC's ":ab:" is not an emoji."""
+    return Console(emoji=False, highlight=False)
 
 
 def fail(message: str, code: int = 1) -> NoReturn:

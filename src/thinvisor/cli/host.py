@@ -7,7 +7,6 @@ import socket
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from thinvisor import __version__
@@ -22,7 +21,7 @@ for command in users.app.registered_commands:
 for group in users.app.registered_groups:
     app.registered_groups.append(group)
 
-out = Console()
+out = common.console()
 
 
 @app.command()
@@ -65,7 +64,7 @@ def info(json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] =
         return
     table = Table(box=None, show_header=False)
     table.add_column(style="bold")
-    table.add_column()
+    table.add_column(overflow="fold")
     for key in ("hostname", "cpu_model", "cpus"):
         table.add_row(key.replace("_", " "), str(data[key]))
     table.add_row("memory", f"{facts.memory_available_mib} MiB free of {facts.memory_total_mib}")

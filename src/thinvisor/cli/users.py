@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Annotated, TypeVar
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from thinvisor.auth import Role, UserStore
@@ -39,7 +38,7 @@ PasswordFileOpt = Annotated[
     ),
 ]
 
-out = Console()
+out = common.console()
 
 
 def store() -> UserStore:

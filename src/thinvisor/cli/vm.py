@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from thinvisor.cli import common, remote
@@ -34,7 +33,7 @@ app.add_typer(cdrom_app, name="cdrom")
 NameArg = Annotated[str, typer.Argument(help="The VM's name.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 
-out = Console()
+out = common.console()
 
 
 def parse_memory(text: str) -> int:
@@ -266,7 +265,7 @@ def _print_info(v: VmView, json_out: bool) -> None:
     rows += [("datastore", v.datastore), ("directory", str(v.paths.vm_dir))]
     table = Table(box=None, show_header=False)
     table.add_column(style="bold")
-    table.add_column()
+    table.add_column(overflow="fold")
     for key, value in rows:
         table.add_row(key, value)
     out.print(table)
