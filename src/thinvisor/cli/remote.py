@@ -60,6 +60,7 @@ from thinvisor.errors import (
     Unauthenticated,
 )
 from thinvisor.fs import atomic_write
+from thinvisor.host.service import vm_info_dict
 from thinvisor.model.create import NewDiskSpec, VmCreate
 from thinvisor.model.vm import CdromSpec, DiskSpec, VmSpec, VmUpdate
 from thinvisor.tls import fingerprint_der
@@ -350,18 +351,7 @@ class RemoteVmInfo:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "datastore": self.datastore,
-            "state": self.state,
-            "error": self.error,
-            "pid": self.pid,
-            "qemu_status": self.qemu_status,
-            "stop_reason": self.stop_reason,
-            "vm_dir": str(self.paths.vm_dir),
-            "serial_log": str(self.paths.serial_log("serial0")),
-            "spec": self.spec.model_dump(mode="json") if self.spec else None,
-        }
+        return vm_info_dict(self)
 
 
 # --- The client -----------------------------------------------------------------------

@@ -71,21 +71,26 @@ class VmInfo:
     stop_reason: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "datastore": self.datastore,
-            "state": self.state,
-            "error": self.error,
-            "pid": self.pid,
-            "qemu_status": self.qemu_status,
-            "stop_reason": self.stop_reason,
-            "vm_dir": str(self.paths.vm_dir),
-            "serial_log": str(self.paths.serial_log("serial0")),
-            "spec": self.spec.model_dump(mode="json") if self.spec else None,
-        }
+        return vm_info_dict(self)
 
 
 NewDisk = NewDiskSpec
+
+
+def vm_info_dict(v: Any) -> dict[str, Any]:
+    """What ``--json`` prints of a VM, local (``VmInfo``) or remote alike."""
+    return {
+        "name": v.name,
+        "datastore": v.datastore,
+        "state": v.state,
+        "error": v.error,
+        "pid": v.pid,
+        "qemu_status": v.qemu_status,
+        "stop_reason": v.stop_reason,
+        "vm_dir": str(v.paths.vm_dir),
+        "serial_log": str(v.paths.serial_log("serial0")),
+        "spec": v.spec.model_dump(mode="json") if v.spec else None,
+    }
 
 
 @dataclass
