@@ -23,7 +23,6 @@ from pywbem import (
     WBEMServer,
 )
 
-from thinvisor.auth import Role, UserStore
 from thinvisor.cim.provider import CIMV2, INTEROP, CimContext, InstanceProvider, Registry
 from thinvisor.cim.providers import interop, logs
 from thinvisor.cim.providers.base import (
@@ -38,11 +37,10 @@ from thinvisor.cim.providers.base import (
 from thinvisor.cim.providers.hardware import HostHardware, device_path, scan
 from thinvisor.cim.schema import ClassRepository, load_repository
 from thinvisor.cim.server import create_cim_app
-from thinvisor.config import DatastoreConfig, HostConfig
 from thinvisor.host.agent import HostAgent
 from thinvisor.model.vm import VmSpec
 
-from .test_cim_server import ADMIN, FAST, TEST_CACHE, Served, connect
+from .cimenv import TEST_CACHE, Served, connect, make_agent, temp_config
 
 pytestmark = pytest.mark.functional
 
@@ -101,16 +99,7 @@ def repository() -> ClassRepository:
 
 @pytest.fixture(scope="module")
 def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HostAgent]:
-    root = tmp_path_factory.mktemp("cim-profiles")
-    config = HostConfig(
-        state_dir=root / "state",
-        run_dir=root / "run",
-        cache_dir=root / "cache",
-        datastores=[DatastoreConfig(name="local", path=root / "local")],
-    )
-    agent = HostAgent(config)
-    agent.users = UserStore(config.state_dir / "users.json", hasher=FAST)
-    agent.users.add_user(*ADMIN, Role.ADMIN)
+    agent = make_agent(temp_config(tmp_path_factory.mktemp("cim-profiles")))
     asyncio.run(agent.service.create_vm(VmSpec(name="demo")))
     agent.events.emit("test.hello", "hello from the profile tests", object="vm/demo")
     yield agent

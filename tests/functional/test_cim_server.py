@@ -8,9 +8,6 @@ root/interop. No QEMU is needed.
 
 from __future__ import annotations
 
-import os
-import socket
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -20,25 +17,18 @@ from typing import Any
 import httpx
 import pytest
 import pywbem
-import uvicorn
-from argon2 import PasswordHasher
 from pywbem import CIMInstance, CIMInstanceName, Uint16, Uint32, WBEMConnection
 
-from thinvisor.auth import Role, UserStore
 from thinvisor.cim.codec import MAX_BODY_BYTES
 from thinvisor.cim.provider import CIMV2, INTEROP, CimContext, Registry
 from thinvisor.cim.schema import ClassRepository, load_repository
 from thinvisor.cim.server import create_cim_app
-from thinvisor.config import DatastoreConfig, HostConfig
 from thinvisor.host.agent import HostAgent
 from thinvisor.tls import ensure_certificate
 
-pytestmark = pytest.mark.functional
+from .cimenv import ADMIN, READER, TEST_CACHE, Served, connect, make_agent, temp_config
 
-TEST_CACHE = Path(os.environ.get("THINVISOR_TEST_CACHE") or "/var/cache/thinvisor-test")
-FAST = PasswordHasher(time_cost=1, memory_cost=8, parallelism=1)
-ADMIN = ("admin", "password123")
-READER = ("reader", "password123")
+pytestmark = pytest.mark.functional
 
 
 def system_path(name: str) -> CIMInstanceName:
@@ -116,40 +106,6 @@ class ConformsToProfile:
         return [CIMInstance(self.classname, properties=refs, path=path)]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-class Served:
-    """A uvicorn server in a thread, on a free loopback port."""
-
-    def __init__(self, app: Any, certfile: str | None = None, keyfile: str | None = None) -> None:
-        self.port = free_port()
-        config = uvicorn.Config(
-            app,
-            host="127.0.0.1",
-            port=self.port,
-            log_config=None,
-            lifespan="off",
-            ssl_certfile=certfile,
-            ssl_keyfile=keyfile,
-        )
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert self.thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-            time.sleep(0.02)
-
-    def close(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(30)
-
-
 @pytest.fixture(scope="module")
 def repository() -> ClassRepository:
     return load_repository(TEST_CACHE)
@@ -157,17 +113,7 @@ def repository() -> ClassRepository:
 
 @pytest.fixture(scope="module")
 def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HostAgent]:
-    root = tmp_path_factory.mktemp("cim-agent")
-    config = HostConfig(
-        state_dir=root / "state",
-        run_dir=root / "run",
-        cache_dir=root / "cache",
-        datastores=[DatastoreConfig(name="local", path=root / "local")],
-    )
-    agent = HostAgent(config)
-    agent.users = UserStore(config.state_dir / "users.json", hasher=FAST)
-    agent.users.add_user(*ADMIN, Role.ADMIN)
-    agent.users.add_user(*READER, Role.READ_ONLY)
+    agent = make_agent(temp_config(tmp_path_factory.mktemp("cim-agent")))
     yield agent
     agent.events.close()
 
@@ -188,10 +134,6 @@ def url(app: Any) -> Iterator[str]:
     served = Served(app)
     yield f"http://127.0.0.1:{served.port}"
     served.close()
-
-
-def connect(url: str, creds: tuple[str, str] = ADMIN, **kwargs: Any) -> WBEMConnection:
-    return WBEMConnection(url, creds, default_namespace=CIMV2, timeout=60, **kwargs)
 
 
 @pytest.fixture

@@ -3,43 +3,30 @@ with pywbem's ``WBEMConnection`` only (no REST, no service calls)."""
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 import pywbem
-from argon2 import PasswordHasher
 from pywbem import CIMInstance, CIMInstanceName, Uint16, Uint64, WBEMConnection
 
-from thinvisor.auth import Role, UserStore
-from thinvisor.cim.provider import CIMV2
 from thinvisor.cim.providers import default_registry, virtualization
 from thinvisor.cim.providers.base import host_path
 from thinvisor.cim.schema import load_repository
 from thinvisor.cim.server import create_cim_app
-from thinvisor.host.agent import HostAgent
 
+from .cimenv import READER, TEST_CACHE, Served, connect, make_agent
 from .hostenv import TestHost
-from .test_cim_server import Served
 
 pytestmark = pytest.mark.functional
 
-TEST_CACHE = Path(os.environ.get("THINVISOR_TEST_CACHE") or "/var/cache/thinvisor-test")
-FAST = PasswordHasher(time_cost=1, memory_cost=8, parallelism=1)
-ADMIN = ("admin", "password123")
-READER = ("reader", "password123")
 VSMS = "TV_VirtualSystemManagementService"
 
 
 @pytest.fixture
 def url(host: TestHost) -> Iterator[str]:
-    agent = HostAgent(host.config)
-    agent.users = UserStore(host.config.state_dir / "users.json", hasher=FAST)
-    agent.users.add_user(*ADMIN, Role.ADMIN)
-    agent.users.add_user(*READER, Role.READ_ONLY)
+    agent = make_agent(host.config)
     app = create_cim_app(agent, load_repository(TEST_CACHE), default_registry())
     served = Served(app)
     try:
@@ -47,10 +34,6 @@ def url(host: TestHost) -> Iterator[str]:
     finally:
         served.close()
         agent.events.close()
-
-
-def connect(url: str, creds: tuple[str, str] = ADMIN) -> WBEMConnection:
-    return WBEMConnection(url, creds, default_namespace=CIMV2, timeout=120)
 
 
 def vsms(conn: WBEMConnection) -> CIMInstanceName:
