@@ -88,10 +88,6 @@ def read_stop_record(paths: VmPaths) -> StopRecord | None:
         return None
 
 
-def clear_stop_record(paths: VmPaths) -> None:
-    paths.stop_record.unlink(missing_ok=True)
-
-
 def last_run_log(paths: VmPaths) -> list[str]:
     """The lines QEMU logged during its last run (after the last start marker)."""
     text = tail(paths.qemu_log, 256 * 1024).decode(errors="replace")

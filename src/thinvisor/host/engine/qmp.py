@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -178,10 +177,3 @@ class Monitor:
                 reason = info.get("error-desc", state)
                 raise QemuError(f"vm {self.vm!r}: saving the state failed: {reason}")
             await asyncio.sleep(poll_s)
-
-
-def close_fd(fd: int) -> None:
-    try:
-        os.close(fd)
-    except OSError as exc:
-        log.debug("closing fd %d: %s", fd, exc)
