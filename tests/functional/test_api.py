@@ -253,7 +253,9 @@ def test_autostart_order_and_reverse_shutdown(host: TestHost) -> None:
         with agent.client() as c:
             deadline = time.monotonic() + 120
             while time.monotonic() < deadline:
-                states = {v["name"]: v["state"] for v in c.get("/vms").json()}
+                listing = c.get("/vms")
+                assert listing.status_code == 200, listing.text
+                states = {v["name"]: v["state"] for v in listing.json()}
                 if all(states[n] == "running" for n in "abc"):
                     break
                 time.sleep(0.2)

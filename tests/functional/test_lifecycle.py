@@ -13,8 +13,9 @@ import pytest
 
 from thinvisor.console.serial import SerialConsole
 from thinvisor.errors import InvalidState
+from thinvisor.host.engine.qmp import Monitor
 from thinvisor.host.inventory import Inventory
-from thinvisor.host.service import NewDisk
+from thinvisor.host.service import HostService, NewDisk
 from thinvisor.model import VmSpec
 
 from .hostenv import READY, TestHost
@@ -252,3 +253,23 @@ def test_suspend_and_resume_after_a_hot_add(host: TestHost) -> None:
     host.cli("vm", "start", "vm1")
     host.wait_ready("vm1", count=2)
     assert guest(host, "vm1", "cat /sys/block/vdb/size") == (0, "16384\n")
+
+
+def test_a_busy_qmp_socket_does_not_break_the_listing(host: TestHost) -> None:
+    # QEMU serves one QMP client at a time: while another holds it, a listing still
+    # answers, with the run state unknown, instead of failing as a whole.
+    host.create("vm1")
+    host.create("vm2", start=False)
+    sock = Inventory(host.config).get("vm1").paths.qmp_socket
+
+    async def listing_while_held() -> list[tuple[str, str, str | None]]:
+        async with Monitor("vm1", sock):
+            service = HostService(host.config)
+            service.status_timeout_s = 1
+            return [(v.name, v.state, v.qemu_status) for v in await service.list_vms()]
+
+    assert host.run(listing_while_held()) == [
+        ("vm1", "running", "unknown"),
+        ("vm2", "stopped", None),
+    ]
+    assert host.show("vm1")["qemu_status"] == "running"  # once free, known again

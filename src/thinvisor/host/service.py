@@ -53,7 +53,10 @@ from thinvisor.storage.disk import Images
 log = logging.getLogger(__name__)
 
 MAC_PREFIX = "02:74:76"
-PARTIAL_STATE = SUSPEND_STATE_NAME + ".partial"  # locally administered, unicast: "tv"
+PARTIAL_STATE = SUSPEND_STATE_NAME + ".partial"
+QEMU_STATUS_UNKNOWN = (
+    "unknown"  # QEMU runs, but did not say in which state  # locally administered, unicast: "tv"
+)
 
 
 @dataclass(frozen=True)
@@ -115,6 +118,8 @@ class HostService:
     ):
         self.config = config
         self.events = events
+        # How long a state query waits for QEMU's QMP socket (one client at a time).
+        self.status_timeout_s = 5.0
         self.inventory = Inventory(config)
         self.images = Images(config.qemu_img_binary)
         self._accel_fn = accel or (lambda: choose_accel(config.accel))
@@ -141,7 +146,9 @@ class HostService:
             suspended = entry.paths.suspend_state.exists()
             return (PowerState.SUSPENDED if suspended else PowerState.STOPPED), None, None
         try:
-            async with Monitor(entry.name, entry.paths.qmp_socket, connect_timeout=5) as mon:
+            async with Monitor(
+                entry.name, entry.paths.qmp_socket, connect_timeout=self.status_timeout_s
+            ) as mon:
                 status = await mon.status()
         except QemuError:
             if process.running_pid(entry.paths) is None:  # it ended while we asked
@@ -152,7 +159,14 @@ class HostService:
     async def info(self, entry: VmEntry) -> VmInfo:
         if entry.spec is None:
             return VmInfo(entry.name, entry.datastore, "invalid", None, entry.paths, entry.error)
-        state, pid, status = await self.state_of(entry)
+        try:
+            state, pid, status = await self.state_of(entry)
+        except QemuError as exc:
+            # QEMU runs but its QMP socket is busy (it serves one client at a time) or
+            # hung: report what is known rather than failing a whole listing.
+            log.warning("vm %s: run state unknown: %s", entry.name, exc)
+            pid = process.running_pid(entry.paths)
+            state, status = PowerState.RUNNING, QEMU_STATUS_UNKNOWN
         reason = None
         if state in (PowerState.STOPPED, PowerState.SUSPENDED):
             reason = process.exit_reason(entry.paths)
