@@ -180,7 +180,7 @@ def demo() -> None:
         f"  .venv/bin/thinvisor vm delete {NAME}\n"
         f"  the OpenAPI schema: {base}/openapi.json, browsable at {base}/docs\n"
         f"  CIM: .venv-tools/bin/pywbemcli -s https://127.0.0.1:{config.cim.port} "
-        f"--ca-certs {cert} -u {user} -p ... server profiles\n"
+        f"--ca-certs {cert} -u {user} -p ... profile list\n"
     )
 
 
