@@ -8,6 +8,7 @@ that the root namespace has exactly the links it had before.
 from __future__ import annotations
 
 import functools
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +23,6 @@ from thinvisor.network import (
     PortVlan,
     SwitchSpec,
     bridge_ports,
-    create_tap,
     delete_switch,
     delete_tap,
     ensure_switch,
@@ -31,6 +31,8 @@ from thinvisor.network import (
     set_link,
     tap_name,
 )
+from thinvisor.network.netlink import attach_port, bridge_filters_vlans, tap_is_persistent
+from thinvisor.network.tap import open_tap
 
 pytestmark = pytest.mark.functional
 
@@ -91,18 +93,25 @@ def _veth(a: str, b: str) -> None:
 
 
 def _body_probe_vlan_filtering() -> None:
-    ensure_switch(SwitchSpec(name="probe"))
+    assert ensure_switch(SwitchSpec(name="probe"))
+
+
+def _tap(name: str, spec: SwitchSpec, group: str) -> int:
+    """A TAP owned by the returned descriptor, joined to ``group`` as thinvisor does."""
+    fd = open_tap(name)
+    vlan = next(g.vlan for g in spec.port_groups if g.name == group)
+    attach_port(name, spec, vlan)
+    return fd
 
 
 def _body_vlan_ports() -> None:
     spec = _switch()
-    ensure_switch(spec)
+    assert ensure_switch(spec)
     br = _links()["tvbr-lan"]
     assert br.get("mtu") == 9000
     assert br.get(("linkinfo", "data", "br_vlan_filtering")) == 1
     taps = {pg: tap_name(UUID, pg) for pg in ("untagged", "v10", "v20", "trunk")}
-    for pg, tap in taps.items():
-        create_tap(tap, spec, pg)
+    fds = {pg: _tap(tap, spec, pg) for pg, tap in taps.items()}
     assert bridge_ports("tvbr-lan") == sorted(taps.values())
     assert port_vlans(taps["untagged"]) == [PortVlan(1, pvid=True, untagged=True)]
     assert port_vlans(taps["v10"]) == [PortVlan(10, pvid=True, untagged=True)]
@@ -113,36 +122,41 @@ def _body_vlan_ports() -> None:
     with pytest.raises(Busy):
         delete_switch("tvbr-lan")
     assert bridge_ports("tvbr-lan") == sorted(taps.values())
-    for tap in taps.values():
-        assert delete_tap(tap)
+    attach_port(taps["v10"], spec, 20)  # moved to another port group
+    assert port_vlans(taps["v10"]) == [PortVlan(20, pvid=True, untagged=True)]
+    for fd in fds.values():
+        os.close(fd)
     assert delete_switch("tvbr-lan")
     assert set(_links()) == {"lo"}
 
 
 def _body_vlan_filtering_unsupported() -> None:
     _veth("up0", "up0p")
-    with pytest.raises(BackendError, match="VLAN filtering"):
-        ensure_switch(_switch(uplink="up0"))
-    links = _links()
-    assert set(links) == {"lo", "up0", "up0p"}
-    assert links["up0"].get("mtu") == 1500
+    # Without kernel support the bridge is a plain one: port groups are kept apart by
+    # thinvisor's nftables rules instead.
+    assert not ensure_switch(_switch(uplink="up0"))
+    assert not bridge_filters_vlans("tvbr-lan")
+    assert bridge_ports("tvbr-lan") == ["up0"]
+    assert _links()["up0"].get("mtu") == 9000
+    assert delete_switch("tvbr-lan")
 
 
 def _body_plain_switch_and_taps() -> None:
     spec = _switch(vlan_filtering=False)
-    ensure_switch(spec)
-    ensure_switch(spec)  # idempotent
+    assert not ensure_switch(spec)
+    assert not ensure_switch(spec)  # idempotent
     tap = tap_name(UUID, "net0")
-    create_tap(tap, spec, "untagged")
+    fd = _tap(tap, spec, "untagged")
+    attach_port(tap, spec, 0)  # idempotent
     link = _links()[tap]
     assert link.get("master") == _links()["tvbr-lan"]["index"]
     assert link.get("mtu") == 9000
     assert link.get(("linkinfo", "kind")) == "tun"
     data = link.get(("linkinfo", "data"))
     assert data.get("IFLA_TUN_TYPE") == 2  # tap
-    assert data.get("IFLA_TUN_OWNER") == 0
-    assert data.get("IFLA_TUN_PERSIST") == 1
-    assert data.get("IFLA_TUN_MULTI_QUEUE") == 0
+    assert data.get("IFLA_TUN_PERSIST") == 0  # it dies with its descriptor
+    assert data.get("IFLA_TUN_VNET_HDR") == 1
+    assert not tap_is_persistent(tap)
     assert list_taps() == [tap]
     assert port_vlans(tap) == []
     set_link(tap, up=False)
@@ -152,7 +166,8 @@ def _body_plain_switch_and_taps() -> None:
     with pytest.raises(Busy):
         delete_switch("tvbr-lan")
     assert bridge_ports("tvbr-lan") == [tap]
-    assert delete_tap(tap)
+    os.close(fd)  # as when QEMU exits: the kernel removes the TAP
+    assert tap not in _links()
     assert not delete_tap(tap)
     assert delete_switch("tvbr-lan")
     assert not delete_switch("tvbr-lan")
@@ -161,25 +176,32 @@ def _body_plain_switch_and_taps() -> None:
 
 def _body_bad_taps_leave_nothing() -> None:
     spec = _switch(vlan_filtering=False)
+    fd = open_tap("tvx")
     with pytest.raises(NotFound):
-        create_tap("tvx", spec, "untagged")  # the bridge does not exist yet
+        attach_port("tvx", spec, 0)  # the bridge does not exist yet
     ensure_switch(spec)
-    with pytest.raises(InvalidArgument, match="port group"):
-        create_tap("tvx", spec, "nope")
+    with pytest.raises(NotFound):
+        attach_port("tvnone", spec, 0)
     with pytest.raises(InvalidArgument):
-        create_tap("tv-name-too-long-x", spec, "untagged")
-    with pytest.raises(BackendError):
-        create_tap("tvx", spec, "untagged", mtu=100_000)  # set-up fails after creation
-    assert set(_links()) == {"lo", "tvbr-lan"}
-    create_tap("tvx", spec, "untagged")
+        open_tap("tv-name-too-long-x")
     with pytest.raises(AlreadyExists):
-        create_tap("tvx", spec, "untagged")
+        open_tap("tvx")
+    attach_port("tvx", spec, 0)
     with pytest.raises(InvalidArgument):
         delete_tap("tvbr-lan")
     assert delete_switch("tvbr-lan", force=True)  # the TAP is released, not deleted
     assert set(_links()) == {"lo", "tvx"}
     assert _links()["tvx"].get("master") is None
-    assert delete_tap("tvx")
+    os.close(fd)
+    assert set(_links()) == {"lo"}
+
+
+def _body_persistent_taps_are_found() -> None:
+    with IPRoute() as ip:
+        ip.link("add", ifname="tvleft", kind="tuntap", mode="tap")
+    assert tap_is_persistent("tvleft")
+    assert list_taps() == ["tvleft"]
+    assert delete_tap("tvleft")
 
 
 def _body_uplinks() -> None:
@@ -206,7 +228,7 @@ def _body_uplinks() -> None:
 def _body_rollback_when_uplink_fails() -> None:
     from thinvisor.network import netlink
 
-    def broken(ip: Any, spec: SwitchSpec, uplink: Any, bridge: int) -> None:
+    def broken(ip: Any, spec: SwitchSpec, uplink: Any, bridge: int, filtering: bool) -> None:
         ip.link("set", index=uplink["index"], mtu=spec.mtu)
         raise BackendError("injected failure")
 
@@ -228,7 +250,7 @@ def test_vlan_ports() -> None:
     _in_netns("_body_vlan_ports")
 
 
-def test_vlan_filtering_unsupported_is_refused_cleanly() -> None:
+def test_vlan_filtering_unsupported_gives_a_plain_bridge() -> None:
     if _vlan_filtering_supported():
         pytest.skip("this kernel's bridges do VLAN filtering")
     _in_netns("_body_vlan_filtering_unsupported")
@@ -240,6 +262,10 @@ def test_plain_switch_and_taps() -> None:
 
 def test_bad_taps_leave_nothing() -> None:
     _in_netns("_body_bad_taps_leave_nothing")
+
+
+def test_persistent_taps_are_found() -> None:
+    _in_netns("_body_persistent_taps_are_found")
 
 
 def test_uplinks() -> None:

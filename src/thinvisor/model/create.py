@@ -10,6 +10,7 @@ from pydantic import Field, model_validator
 
 from thinvisor.model.vm import (
     MEMORY_MIN_MIB,
+    USER_NETWORK,
     VCPUS_MAX,
     BootSpec,
     CdromSpec,
@@ -17,7 +18,9 @@ from thinvisor.model.vm import (
     DiskFormat,
     GraphicsSpec,
     MachineType,
+    NetworkName,
     NicModel,
+    NicShaping,
     ParallelSpec,
     SerialSpec,
     StrictModel,
@@ -42,8 +45,18 @@ class NewDiskSpec(StrictModel):
 
 class NewNicSpec(StrictModel):
     model: NicModel = "virtio"
-    network: str = "user"
+    network: NetworkName = USER_NETWORK
     mac: str | None = None  # chosen from thinvisor's prefix when not given
+    connected: bool = True
+    shaping: NicShaping | None = None
+
+
+class NicUpdate(StrictModel):
+    """What may change on a NIC, running or not; only the fields given are applied."""
+
+    network: NetworkName | None = None
+    connected: bool | None = None
+    shaping: NicShaping | None = None
 
 
 class VmCreate(StrictModel):

@@ -134,12 +134,41 @@ class CdromSpec(StrictModel):
     bus: CdromBus = "ide"
 
 
+class Bandwidth(StrictModel):
+    """A rate limit: the average rate, a peak allowed for ``burst_kib`` (libvirt's words)."""
+
+    average_kbps: int = Field(ge=8, le=100_000_000, description="kilobits per second")
+    peak_kbps: int | None = Field(default=None, ge=8, le=100_000_000)
+    burst_kib: int | None = Field(default=None, ge=1, le=1_048_576)
+
+    @model_validator(mode="after")
+    def _peak(self) -> Self:
+        if self.peak_kbps is not None and self.peak_kbps < self.average_kbps:
+            raise ValueError("peak_kbps must not be below average_kbps")
+        return self
+
+
+class NicShaping(StrictModel):
+    """Traffic shaping of one NIC: ``inbound`` is traffic to the guest, ``outbound`` from it."""
+
+    inbound: Bandwidth | None = None
+    outbound: Bandwidth | None = None
+
+
+NetworkName = Annotated[str, AfterValidator(check_name)]
+USER_NETWORK = "user"  # QEMU's user-mode networking (no switch): guest-initiated traffic only
+
+
 class NicSpec(StrictModel):
     name: DeviceName
     model: NicModel = "virtio"
     mac: str
-    network: str = "user"
+    # A port group of one of the host's switches, or "user" for QEMU's user networking.
+    network: NetworkName = USER_NETWORK
     slot: PciSlot | None = None
+    # The virtual cable: a disconnected NIC is present in the guest with its link down.
+    connected: bool = True
+    shaping: NicShaping | None = None
 
     @field_validator("mac")
     @classmethod

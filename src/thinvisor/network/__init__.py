@@ -8,7 +8,6 @@ from thinvisor.network.model import NetworkConfig, PortGroupSpec, SwitchSpec, br
 from thinvisor.network.netlink import (
     PortVlan,
     bridge_ports,
-    create_tap,
     delete_switch,
     delete_tap,
     ensure_switch,
@@ -27,7 +26,6 @@ __all__ = [
     "SwitchSpec",
     "bridge_name_for",
     "bridge_ports",
-    "create_tap",
     "delete_switch",
     "delete_tap",
     "ensure_switch",

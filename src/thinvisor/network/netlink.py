@@ -10,22 +10,23 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
+from ipaddress import IPv4Interface
 from typing import Any
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from thinvisor.errors import AlreadyExists, BackendError, Busy, InvalidArgument, NotFound
+from thinvisor.errors import BackendError, Busy, InvalidArgument, NotFound
 from thinvisor.network.model import (
     IFNAMSIZ,
     VLAN_MAX,
     VLAN_TRUNK,
     VLAN_UNTAGGED,
     SwitchSpec,
-    check_ifname,
 )
 
 TAP_PREFIX = "tv"
@@ -94,11 +95,14 @@ def _check_uplink(ip: Any, spec: SwitchSpec, bridge: int | None) -> Any:
     return link
 
 
-def ensure_switch(spec: SwitchSpec) -> None:
+def ensure_switch(spec: SwitchSpec) -> bool:
     """Create the switch's bridge, or bring an existing one to ``spec``.
 
-    Sets VLAN filtering, the MTU and the uplink, and brings the bridge up. On any failure
-    a bridge this call created is deleted again and the uplink's MTU restored.
+    Sets the MTU and the uplink, turns VLAN filtering on where the kernel has it, and
+    brings the bridge up. Returns True when the bridge filters VLANs itself; False when
+    the kernel lacks bridge VLAN filtering (the caller isolates port groups another way)
+    or ``spec`` does not want it. On any failure a bridge this call created is deleted
+    again and the uplink's MTU restored.
     """
     bridge = spec.bridge_name
     with _netlink(f"switch {spec.name!r}") as ip:
@@ -108,47 +112,61 @@ def ensure_switch(spec: SwitchSpec) -> None:
         index = existing["index"] if existing is not None else None
         uplink = _check_uplink(ip, spec, index) if spec.uplink else None
         try:
-            index = _configure_bridge(ip, spec, existing)
+            index, filtering = _configure_bridge(ip, spec, existing)
             if uplink is not None:
-                _attach_uplink(ip, spec, uplink, index)
+                _attach_uplink(ip, spec, uplink, index, filtering)
         except BaseException:
             if existing is None:
                 _delete_quietly(ip, bridge)
             if uplink is not None:
                 _restore_mtu(ip, uplink)
             raise
+        return filtering
 
 
-def _configure_bridge(ip: Any, spec: SwitchSpec, existing: Any | None) -> int:
-    # The kernel refuses IFLA_BR_VLAN_FILTERING altogether (even 0) when built without
-    # CONFIG_BRIDGE_VLAN_FILTERING, so the attribute is only sent when it is wanted.
-    vlan = {"br_vlan_filtering": 1} if spec.vlan_filtering else {}
+def _configure_bridge(ip: Any, spec: SwitchSpec, existing: Any | None) -> tuple[int, bool]:
     if existing is None:
+        filtering = spec.vlan_filtering
         try:
-            ip.link("add", ifname=spec.bridge_name, kind="bridge", **vlan)
+            _add_bridge(ip, spec.bridge_name, filtering)
         except NetlinkError as exc:
-            if exc.code == errno.EOPNOTSUPP and spec.vlan_filtering:
-                raise BackendError(
-                    f"switch {spec.name!r}: this kernel's bridges have no VLAN filtering "
-                    "(CONFIG_BRIDGE_VLAN_FILTERING); use vlan_filtering = false"
-                ) from exc
-            raise
+            # The kernel refuses IFLA_BR_VLAN_FILTERING altogether (even 0) when built
+            # without CONFIG_BRIDGE_VLAN_FILTERING: a plain bridge then.
+            if exc.code != errno.EOPNOTSUPP or not filtering:
+                raise
+            filtering = False
+            _add_bridge(ip, spec.bridge_name, filtering)
         index = int(ip.link_lookup(ifname=spec.bridge_name)[0])
     else:
         index = int(existing["index"])
         current = existing.get(("linkinfo", "data", "br_vlan_filtering"))
-        if bool(current) != spec.vlan_filtering:
-            filtering = int(spec.vlan_filtering)
-            ip.link("set", index=index, kind="bridge", br_vlan_filtering=filtering)
+        filtering = bool(current) if current is not None else False
+        if current is not None and bool(current) != spec.vlan_filtering:
+            filtering = spec.vlan_filtering
+            ip.link("set", index=index, kind="bridge", br_vlan_filtering=int(filtering))
     ip.link("set", index=index, mtu=spec.mtu, state="up")
-    return index
+    return index, filtering
 
 
-def _attach_uplink(ip: Any, spec: SwitchSpec, uplink: Any, bridge: int) -> None:
+def _add_bridge(ip: Any, name: str, vlan_filtering: bool) -> None:
+    vlan = {"br_vlan_filtering": 1} if vlan_filtering else {}
+    ip.link("add", ifname=name, kind="bridge", **vlan)
+
+
+def bridge_filters_vlans(bridge: str) -> bool:
+    """Whether ``bridge`` exists and does VLAN filtering itself."""
+    with _netlink(f"bridge {bridge!r}") as ip:
+        link = _link(ip, bridge)
+        if link is None or _kind(link) != "bridge":
+            return False
+        return bool(link.get(("linkinfo", "data", "br_vlan_filtering")))
+
+
+def _attach_uplink(ip: Any, spec: SwitchSpec, uplink: Any, bridge: int, filtering: bool) -> None:
     index = uplink["index"]
     ip.link("set", index=index, mtu=spec.mtu)
     ip.link("set", index=index, master=bridge, state="up")
-    if spec.vlan_filtering:
+    if filtering:
         # The uplink is a trunk: native (untagged) traffic on VLAN 1, all others tagged.
         ip.vlan_filter("add", index=index, vlan_info={"vid": f"{_DEFAULT_PVID + 1}-{VLAN_MAX}"})
 
@@ -195,39 +213,32 @@ def bridge_ports(bridge: str) -> list[str]:
         return sorted(name for name, _ in _ports(ip, link["index"]))
 
 
-def create_tap(name: str, switch: SwitchSpec, portgroup: str, mtu: int | None = None) -> int:
-    """Create a persistent TAP owned by root, join it to ``portgroup``; return its index.
-
-    Refuses an unknown port group, a missing bridge and a name already taken; a TAP
-    that cannot be fully set up is removed again.
-    """
-    try:
-        check_ifname(name)
-    except ValueError as exc:
-        raise InvalidArgument("tap", str(exc)) from None
-    group = switch.port_group(portgroup)
-    if group is None:
-        reason = f"no port group {portgroup!r} on switch {switch.name!r}"
-        raise InvalidArgument("port_group", reason)
-    with _netlink(f"TAP {name!r}") as ip:
+def attach_port(name: str, switch: SwitchSpec, vlan: int, *, up: bool = True) -> int:
+    """Join the existing interface ``name`` (a VM's TAP) to the switch's bridge with the
+    port group's ``vlan``; return its index. Idempotent: an agent re-adopting a running
+    VM calls it again."""
+    with _netlink(f"port {name!r}") as ip:
         bridge = _link(ip, switch.bridge_name)
         if bridge is None or _kind(bridge) != "bridge":
             raise NotFound(f"bridge {switch.bridge_name!r} of switch {switch.name!r} not found")
-        if _link(ip, name) is not None:
-            # Creating an existing persistent TAP would silently reuse it: refuse instead.
-            raise AlreadyExists(f"interface {name!r} already exists")
-        ifr = {"no_pi": True, "one_queue": False, "vnet_hdr": False, "multi_queue": False}
-        ip.link("add", ifname=name, kind="tuntap", mode="tap", uid=0, gid=0, ifr=ifr)
-        try:
-            index = int(ip.link_lookup(ifname=name)[0])
-            ip.link("set", index=index, mtu=mtu or switch.mtu, master=bridge["index"])
-            if switch.vlan_filtering:
-                _set_port_vlans(ip, index, group.vlan)
-            ip.link("set", index=index, state="up")
-        except BaseException:
-            _delete_quietly(ip, name)
-            raise
+        link = _link(ip, name)
+        if link is None:
+            raise NotFound(f"interface {name!r} not found")
+        index = int(link["index"])
+        if link.get("master") != bridge["index"]:
+            ip.link("set", index=index, mtu=switch.mtu, master=bridge["index"])
+        if bridge.get(("linkinfo", "data", "br_vlan_filtering")):
+            _reset_port_vlans(ip, index)
+            _set_port_vlans(ip, index, vlan)
+        ip.link("set", index=index, state="up" if up else "down")
         return index
+
+
+def _reset_port_vlans(ip: Any, index: int) -> None:
+    """Drop every VLAN of a port (joining the bridge gave it the default PVID)."""
+    for entry in _vlan_entries(ip, index):
+        with suppress(NetlinkError):
+            ip.vlan_filter("del", index=index, vlan_info={"vid": entry.vid})
 
 
 def _set_port_vlans(ip: Any, index: int, vlan: int) -> None:
@@ -253,15 +264,19 @@ def port_vlans(name: str) -> list[PortVlan]:
         link = _link(ip, name)
         if link is None:
             raise NotFound(f"interface {name!r} not found")
-        found: list[PortVlan] = []
-        for msg in ip.get_vlans():
-            if msg.get("index") != link["index"]:
-                continue
-            for spec in msg.get_attrs("IFLA_AF_SPEC"):
-                for entry in spec.get_attrs("IFLA_BRIDGE_VLAN_INFO"):
-                    flags = int(entry["flags"])
-                    found.append(PortVlan(int(entry["vid"]), bool(flags & 2), bool(flags & 4)))
-        return sorted(found, key=lambda v: v.vid)
+        return _vlan_entries(ip, int(link["index"]))
+
+
+def _vlan_entries(ip: Any, index: int) -> list[PortVlan]:
+    found: list[PortVlan] = []
+    for msg in ip.get_vlans():
+        if msg.get("index") != index:
+            continue
+        for spec in msg.get_attrs("IFLA_AF_SPEC"):
+            for entry in spec.get_attrs("IFLA_BRIDGE_VLAN_INFO"):
+                flags = int(entry["flags"])
+                found.append(PortVlan(int(entry["vid"]), bool(flags & 2), bool(flags & 4)))
+    return sorted(found, key=lambda v: v.vid)
 
 
 def delete_tap(name: str) -> bool:
@@ -293,3 +308,40 @@ def set_link(name: str, up: bool) -> None:
         if link is None:
             raise NotFound(f"interface {name!r} not found")
         ip.link("set", index=link["index"], state="up" if up else "down")
+
+
+def set_address(name: str, address: IPv4Interface) -> None:
+    """Give ``name`` exactly the IPv4 address ``address`` (others are removed)."""
+    with _netlink(f"address of {name!r}") as ip:
+        link = _link(ip, name)
+        if link is None:
+            raise NotFound(f"interface {name!r} not found")
+        index = int(link["index"])
+        present = False
+        for msg in ip.get_addr(index=index, family=socket.AF_INET):
+            mine = (msg.get("IFA_ADDRESS"), msg["prefixlen"])
+            if mine == (str(address.ip), address.network.prefixlen):
+                present = True
+            else:
+                ip.addr("del", index=index, address=mine[0], prefixlen=mine[1])
+        if not present:
+            ip.addr(
+                "add", index=index, address=str(address.ip), prefixlen=address.network.prefixlen
+            )
+
+
+def link_exists(name: str) -> bool:
+    """Whether an interface called ``name`` exists."""
+    with _netlink(f"interface {name!r}") as ip:
+        return _link(ip, name) is not None
+
+
+def tap_is_persistent(name: str) -> bool:
+    """Whether the TAP ``name`` outlives its descriptors (made with ``ip tuntap`` or the
+    like); thinvisor's own TAPs are not."""
+    with _netlink(f"TAP {name!r}") as ip:
+        link = _link(ip, name)
+        if link is None or _kind(link) != "tun":
+            return False
+        data = link.get(("linkinfo", "data"))
+        return bool(data.get("IFLA_TUN_PERSIST")) if data is not None else False

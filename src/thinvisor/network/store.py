@@ -67,6 +67,34 @@ class NetworkStore:
             self.save(validate(NetworkConfig, raw))
             return new
 
+    @staticmethod
+    def check_new_switch(config: NetworkConfig, spec: SwitchSpec) -> None:
+        """Refuse ``spec`` if adding it to ``config`` would break a host-wide rule
+        (unique bridges, uplinks and port group names), without saving anything."""
+        taken = [g.name for g in spec.port_groups if config.port_group(g.name) is not None]
+        if taken:
+            raise AlreadyExists(f"port group {taken[0]!r} already exists on this host")
+        raw = config.model_dump(mode="json")
+        raw["switches"].append(spec.model_dump(mode="json"))
+        validate(NetworkConfig, raw)
+
+    def set_port_group_vlan(self, name: str, vlan: int) -> PortGroupSpec:
+        """Change the VLAN id of the port group ``name``."""
+        with self._lock:
+            config = self.load()
+            found = config.port_group(name)
+            if found is None:
+                raise NotFound(f"port group {name!r} not found")
+            switch, group = found
+            raw = switch.model_dump(mode="json")
+            raw["port_groups"] = [
+                {**g, "vlan": vlan} if g["name"] == name else g for g in raw["port_groups"]
+            ]
+            updated = validate(SwitchSpec, raw)
+            config.switches = [updated if s.name == switch.name else s for s in config.switches]
+            self.save(config)
+            return updated.port_group(name) or group
+
     def remove_switch(self, name: str) -> SwitchSpec:
         """Forget a switch. Whether ports still use it is the caller's check."""
         with self._lock:
@@ -84,8 +112,9 @@ class NetworkStore:
             config = self.load()
             spec = self._switch(config, switch)
             new = group if isinstance(group, PortGroupSpec) else validate(PortGroupSpec, group)
-            if spec.port_group(new.name) is not None:
-                raise AlreadyExists(f"port group {new.name!r} already exists on {switch!r}")
+            taken = config.port_group(new.name)
+            if taken is not None:
+                raise AlreadyExists(f"port group {new.name!r} already exists on {taken[0].name!r}")
             raw = spec.model_dump(mode="json")
             raw["port_groups"].append(new.model_dump(mode="json"))
             updated = validate(SwitchSpec, raw)
