@@ -64,6 +64,15 @@ class CimConfig(StrictModel):
     http_port: int | None = Field(default=None, ge=1, le=65535)
 
 
+class NetworkHostConfig(StrictModel):
+    """Where the VMs' networking lives."""
+
+    # A network namespace (a name under /run/netns, or a path such as /proc/PID/ns/net)
+    # in which switches, TAPs, dnsmasq and QEMU run, while the agent's API stays
+    # reachable in the namespace it was started in. Unset: the host's own namespace.
+    namespace: str | None = None
+
+
 class HostConfig(StrictModel):
     """Where things live and how VMs are run on this host."""
 
@@ -80,6 +89,7 @@ class HostConfig(StrictModel):
     autostart_delay_s: float = Field(default=10.0, ge=0)
     api: ApiConfig = Field(default_factory=ApiConfig)
     cim: CimConfig = Field(default_factory=CimConfig)
+    network: NetworkHostConfig = Field(default_factory=NetworkHostConfig)
 
     @field_validator("datastores")
     @classmethod

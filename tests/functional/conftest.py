@@ -12,6 +12,7 @@ from thinvisor.appliance import Appliance, build_appliance
 
 from .agentenv import TestAgent
 from .hostenv import TestHost
+from .netenv import NetAgent, NetNamespace
 
 CACHE_ENV = "THINVISOR_TEST_CACHE"
 DEFAULT_TEST_CACHE = Path("/var/cache/thinvisor-test")
@@ -43,6 +44,27 @@ def host(appliance: Appliance) -> Iterator[TestHost]:
 def agent(host: TestHost) -> Iterator[TestAgent]:
     """A real ``thinvisor host serve`` on that host, ended afterwards."""
     a = TestAgent(host)
+    try:
+        a.start()
+        yield a
+    finally:
+        a.close()
+
+
+@pytest.fixture
+def netns() -> Iterator[NetNamespace]:
+    """A network namespace of the test's own; what runs in it is killed afterwards."""
+    ns = NetNamespace()
+    try:
+        yield ns
+    finally:
+        ns.close()
+
+
+@pytest.fixture
+def net_agent(host: TestHost, netns: NetNamespace) -> Iterator[NetAgent]:
+    """A real agent whose VM networking (bridges, TAPs, dnsmasq, QEMU) lives in ``netns``."""
+    a = NetAgent(host, netns)
     try:
         a.start()
         yield a

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import itertools
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
-import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -21,9 +18,10 @@ from qemu.qmp import QMPClient
 
 from thinvisor.appliance import Appliance, build_appliance, find_appliance
 
+from .serialconsole import TIMEOUT, SerialConsole
+
 pytestmark = pytest.mark.functional
 
-TIMEOUT = 60.0
 READY = re.compile(rb"THINVISOR-APPLIANCE-READY uptime=(\d+\.\d+)")
 POWEROFF = b"THINVISOR-APPLIANCE-POWEROFF"
 
@@ -48,37 +46,12 @@ class Guest:
             *extra,
         ]  # fmt: skip
         self.proc: subprocess.Popen[bytes] | None = None
-        self.sock: socket.socket | None = None
-        self._markers = itertools.count(1)
+        self.console = SerialConsole(self.dir / "serial", self.serial_log, self._check_alive)
 
     def start(self) -> None:
         with (self.dir / "qemu.err").open("wb") as err:
             self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stderr=err)
-        self.sock = self._connect(self.dir / "serial")
-        # Drain the socket so that QEMU never blocks on it; the log file is what we read.
-        threading.Thread(target=self._drain, args=(self.sock,), daemon=True).start()
-
-    def _connect(self, path: Path) -> socket.socket:
-        deadline = time.monotonic() + TIMEOUT
-        while True:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                sock.connect(str(path))
-                return sock
-            except OSError:
-                sock.close()
-                self._check_alive()
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-
-    @staticmethod
-    def _drain(sock: socket.socket) -> None:
-        try:
-            while sock.recv(4096):
-                pass
-        except OSError:
-            pass
+        self.console.connect(TIMEOUT)
 
     def _check_alive(self) -> None:
         assert self.proc is not None
@@ -87,47 +60,16 @@ class Guest:
             raise AssertionError(f"QEMU exited with {self.proc.returncode}: {err}")
 
     def log(self) -> bytes:
-        try:
-            return self.serial_log.read_bytes()
-        except FileNotFoundError:
-            return b""
+        return self.console.log()
 
     def wait_for(self, pattern: re.Pattern[bytes], start: int = 0) -> re.Match[bytes]:
-        deadline = time.monotonic() + TIMEOUT
-        while time.monotonic() < deadline:
-            match = pattern.search(self.log(), start)
-            if match:
-                return match
-            self._check_alive()
-            time.sleep(0.1)
-        raise AssertionError(f"{pattern.pattern!r} not seen; serial log:\n{self.log()!r}")
+        return self.console.wait_for(pattern, start)
 
     def run(self, command: str, *, timeout: float = TIMEOUT) -> str:
-        """Run a shell command on the serial console and return its output.
-
-        The markers are echoed through arithmetic expansion, so that the terminal's echo
-        of the typed line does not match them. The command is typed again if no answer
-        comes, so it must be harmless to repeat.
-        """
-        n = next(self._markers)
-        line = f"echo B{n}x$((1+1)); {command}; echo E{n}x$((1+1))\n"
-        pattern = re.compile(rf"B{n}x2\r?\n(.*?)E{n}x2".encode(), re.DOTALL)
-        start = len(self.log())
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            self.send(line)
-            retry = min(deadline, time.monotonic() + 10)
-            while time.monotonic() < retry:
-                match = pattern.search(self.log(), start)
-                if match:
-                    return match.group(1).decode(errors="replace").replace("\r\n", "\n")
-                self._check_alive()
-                time.sleep(0.1)
-        raise AssertionError(f"no answer to {command!r}; serial log:\n{self.log()!r}")
+        return self.console.run(command, timeout=timeout)
 
     def send(self, text: str) -> None:
-        assert self.sock is not None
-        self.sock.sendall(text.encode())
+        self.console.send(text)
 
     def qmp(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
         async def execute() -> Any:
@@ -145,8 +87,7 @@ class Guest:
         return self.proc.wait(timeout=TIMEOUT)
 
     def kill(self) -> None:
-        if self.sock is not None:
-            self.sock.close()
+        self.console.close()
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait(timeout=TIMEOUT)

@@ -336,11 +336,18 @@ def test_user_network_nic(model: str, driver: str) -> None:
     )
 
 
-def test_unknown_network() -> None:
+def test_port_group_nic_uses_the_tap_descriptor() -> None:
+    spec = make_spec(machine="pc", nics=[nic("n0", network="lan")])
+    argv = argv_of(spec, tap_fds={"n0": 7})
+    assert value(argv, "-netdev") == "tap,id=n0-net,fd=7"
+    assert device(argv, "n0").startswith("virtio-net-pci,bus=pci.0,addr=0x4,netdev=n0-net,")
+
+
+def test_port_group_nic_without_a_tap() -> None:
     with pytest.raises(InvalidArgument) as info:
         argv_of(make_spec(nics=[nic("n0", network="lan")]))
     assert info.value.field == "nics.n0.network"
-    assert "unknown network" in info.value.reason
+    assert "no TAP prepared" in info.value.reason
 
 
 # --- serial, parallel, graphics -------------------------------------------------------

@@ -60,7 +60,7 @@ def datastore(env: dict[str, str]) -> list[str]:
             ["vm1", "--cdrom", "/nonexistent.iso"],
             "error: cdrom.path: /nonexistent.iso does not exist\n",
         ),
-        (["vm1", "--nic", "dmz"], "error: nics.net0.network: network 'dmz' does not exist\n"),
+        (["vm1", "--nic", "dmz"], "error: nics.net0.network: no port group 'dmz' on this host\n"),
         (
             ["vm1", "--import-disk", "/etc/hostname"],
             "error: disk: /etc/hostname is outside the host's datastores\n",

@@ -16,6 +16,7 @@ import uvicorn
 from thinvisor.api.app import create_app
 from thinvisor.config import HostConfig
 from thinvisor.host.agent import HostAgent
+from thinvisor.network import namespace
 from thinvisor.tls import ensure_certificate
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,12 @@ def serve(config: HostConfig, *, listen: str | None = None, port: int | None = N
     servers = [_server(create_app(agent), host, port or config.api.port, tls, lifespan="on")]
     log.info("thinvisor host agent on %s://%s:%d/api/v1", scheme, host, port or config.api.port)
     servers += _cim_servers(config, agent, host, tls)
-    asyncio.run(_serve_all(servers))
+    # Bind first, then move into the VMs' network namespace: the sockets stay reachable
+    # where the agent was started, everything made later (bridges, TAPs, QEMU, dnsmasq)
+    # lives in the namespace.
+    bound = [(server, server.config.bind_socket()) for server in servers]
+    namespace.enter(config.network.namespace)
+    asyncio.run(_serve_all(bound))
 
 
 def _server(
@@ -94,10 +100,10 @@ def _cim_servers(
     return servers
 
 
-async def _serve_all(servers: list[uvicorn.Server]) -> None:
+async def _serve_all(servers: list[tuple[uvicorn.Server, socket.socket]]) -> None:
     """Run every server; when one stops (SIGTERM reaches them all), stop the others."""
-    tasks = [asyncio.create_task(s.serve()) for s in servers]
+    tasks = [asyncio.create_task(s.serve(sockets=[sock])) for s, sock in servers]
     await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-    for server in servers:
+    for server, _ in servers:
         server.should_exit = True
     await asyncio.gather(*tasks, return_exceptions=True)

@@ -23,6 +23,7 @@ from thinvisor.cli.remote import Login, RemoteHost, load_login
 from thinvisor.config import HostConfig, load_config
 from thinvisor.errors import ThinvisorError
 from thinvisor.host.service import HostService
+from thinvisor.network import namespace
 
 T = TypeVar("T")
 Host: TypeAlias = HostService | RemoteHost
@@ -55,14 +56,16 @@ def fail(message: str, code: int = 1) -> NoReturn:
 
 
 def service() -> HostService:
-    return HostService(config())
+    """The local host's service, in the network namespace its VMs' networking lives in."""
+    cfg = config()
+    namespace.enter(cfg.network.namespace)
+    return HostService(cfg)
 
 
 def run(coro_factory: Any) -> Any:
     """Run ``coro_factory(service)`` to completion; thinvisor errors become one line."""
     try:
-        service = HostService(config())
-        coro: Coroutine[Any, Any, Any] = coro_factory(service)
+        coro: Coroutine[Any, Any, Any] = coro_factory(service())
         return asyncio.run(coro)
     except ThinvisorError as exc:
         fail(str(exc))

@@ -20,10 +20,12 @@ from thinvisor.host.engine import process
 from thinvisor.host.events import EventLog
 from thinvisor.host.service import HostService
 from thinvisor.host.tasks import TaskManager
+from thinvisor.model.vm import VmSpec
 
 log = logging.getLogger(__name__)
 
 WATCH_INTERVAL_S = 1.0
+SUPERVISE_EVERY = 5  # watch rounds between checks that every NAT switch's dnsmasq runs
 
 
 class HostAgent:
@@ -77,6 +79,10 @@ class HostAgent:
             f"host agent started; {len(running)} of {len(vms)} VMs running",
             data={"running": running},
         )
+        try:
+            await self.service.network.reconcile()
+        except ThinvisorError as exc:
+            self.events.emit("network.reconcile_failed", f"network reconciliation failed: {exc}")
         self._background.append(asyncio.create_task(self._watch(), name="vm-watcher"))
         if autostart:
             self._background.append(asyncio.create_task(self.autostart(), name="autostart"))
@@ -129,24 +135,34 @@ class HostAgent:
         return stopped
 
     async def _watch(self) -> None:
+        rounds = 0
         while True:
             await asyncio.sleep(WATCH_INTERVAL_S)
+            rounds += 1
             try:
-                self._check_vms()
+                for spec in self._check_vms():
+                    await self.service.network.vm_stopped(spec)
+                if rounds % SUPERVISE_EVERY == 0:
+                    await self.service.network.supervise()
             except Exception:
                 log.exception("watching VMs failed")
 
-    def _check_vms(self) -> None:
-        """Turn VMs that stopped on their own (guest poweroff, QEMU death) into events."""
+    def _check_vms(self) -> list[VmSpec]:
+        """Turn VMs that stopped on their own (guest poweroff, QEMU death) into events;
+        the specs of the VMs that stopped since the last look."""
         seen: dict[str, bool] = {}
+        stopped: list[VmSpec] = []
         for entry in self.service.inventory.entries():
             alive = process.running_pid(entry.paths) is not None
             seen[entry.name] = alive
             if alive or not self._running.get(entry.name):
                 continue
+            if entry.spec is not None:
+                stopped.append(entry.spec)
             if process.read_stop_record(entry.paths) is not None:
                 continue  # thinvisor stopped it, and said so when it did
             reason = process.exit_reason(entry.paths) or "QEMU exited"
             kind = "vm.crashed" if "abruptly" in reason else "vm.powered_off"
             self.events.emit(kind, reason, object=f"vm/{entry.name}")
         self._running = seen
+        return stopped

@@ -28,7 +28,7 @@ from thinvisor.errors import (
     QemuError,
 )
 from thinvisor.fs import fsync_dir
-from thinvisor.host import hostinfo
+from thinvisor.host import hostinfo, nics
 from thinvisor.host.context import current_user
 from thinvisor.host.engine import process
 from thinvisor.host.engine.accel import AccelChoice, choose_accel
@@ -37,8 +37,9 @@ from thinvisor.host.engine.paths import SUSPEND_STATE_NAME, VmPaths
 from thinvisor.host.engine.qmp import Monitor
 from thinvisor.host.events import EventLog
 from thinvisor.host.inventory import CREATING, DELETING, Inventory, VmEntry, save_spec
+from thinvisor.host.networking import NetworkService, close_fds
 from thinvisor.host.state import Action, PowerState, check_allowed, power_state_of
-from thinvisor.model.create import NewDiskSpec, VmCreate
+from thinvisor.model.create import NewDiskSpec, NewNicSpec, NicUpdate, VmCreate
 from thinvisor.model.vm import (
     CdromSpec,
     DiskSpec,
@@ -124,6 +125,12 @@ class HostService:
         self.images = Images(config.qemu_img_binary)
         self._accel_fn = accel or (lambda: choose_accel(config.accel))
         self._facts = facts
+        self.network = NetworkService(config, self.inventory, emit=self._emit_about)
+
+    def _emit_about(self, kind: str, obj: str, message: str, **data: Any) -> None:
+        """Record an event about any object (a switch, a port group) for the current user."""
+        if self.events is not None:
+            self.events.emit(kind, message, object=obj, user=current_user.get(), data=data or None)
 
     def emit(self, kind: str, vm: str, message: str, **data: Any) -> None:
         """Record an event about ``vm`` on behalf of the current user (if there is a log)."""
@@ -247,6 +254,8 @@ class HostService:
                 "mac": new.mac or self.new_mac(),
                 "model": new.model,
                 "network": new.network,
+                "connected": new.connected,
+                "shaping": new.shaping.model_dump() if new.shaping else None,
             }
             nics.append(validate(NicSpec, nic))
         spec = validate(VmSpec, {**spec.model_dump(), "nics": [n.model_dump() for n in nics]})
@@ -320,11 +329,7 @@ class HostService:
             self._existing_path(Path(spec.boot.kernel), "boot.kernel", paths.vm_dir)
             if spec.boot.initrd:
                 self._existing_path(Path(spec.boot.initrd), "boot.initrd", paths.vm_dir)
-        for nic in spec.nics:
-            if nic.network != "user":
-                raise InvalidArgument(
-                    f"nics.{nic.name}.network", f"network {nic.network!r} does not exist"
-                )
+        self.network.check_networks(spec)
 
     def _check_resources(self, spec: VmSpec) -> None:
         facts = self._facts()
@@ -443,16 +448,32 @@ class HostService:
     async def _launch(self, entry: VmEntry, spec: VmSpec, *, incoming: bool) -> None:
         accel = self.accel()
         log.info("vm %s: starting QEMU with %s (%s)", spec.name, accel.name, accel.reason)
-        argv = build_argv(
-            spec,
-            entry.paths,
-            accel,
-            qemu_binary=self.config.qemu_binary,
-            incoming=incoming,
-            tsc_khz=hostinfo.tsc_khz(),
-        )
-        process.spawn(argv, entry.paths)
-        await process.wait_started(entry.paths)
+        # The TAPs are made here and handed to QEMU as descriptors; ours are closed once
+        # QEMU holds them, so each TAP lives exactly as long as its QEMU.
+        taps = await self.network.open_nics(spec)
+        try:
+            argv = build_argv(
+                spec,
+                entry.paths,
+                accel,
+                qemu_binary=self.config.qemu_binary,
+                incoming=incoming,
+                tsc_khz=hostinfo.tsc_khz(),
+                tap_fds=taps,
+            )
+            process.spawn(argv, entry.paths, pass_fds=list(taps.values()))
+        finally:
+            close_fds(taps)
+        try:
+            await process.wait_started(entry.paths)
+        except BaseException:
+            await self.network.vm_stopped(spec)
+            raise
+        unplugged = [nic.name for nic in spec.nics if not nic.connected]
+        if unplugged:
+            async with Monitor(spec.name, entry.paths.qmp_socket) as mon:
+                for nic_name in unplugged:
+                    await mon.set_link(nic_name, up=False)
 
     async def _restore(self, entry: VmEntry, spec: VmSpec) -> None:
         """Start QEMU waiting for state, load the suspend file, then run."""
@@ -506,6 +527,8 @@ class HostService:
         if not await process.wait_gone(entry.paths, pid, 10):
             process.kill(pid)
             await process.wait_gone(entry.paths, pid, 10)
+        if entry.spec is not None:
+            await self.network.vm_stopped(entry.spec)
 
     async def shutdown(self, name: str, timeout: float | None = None) -> VmInfo:
         """ACPI power button; a hard power off if the guest has not gone after ``timeout``."""
@@ -710,6 +733,20 @@ class HostService:
             save_spec(entry.paths, spec.model_copy(update={"cdrom": cdrom}))
             self.emit("vm.cdrom_changed", name, "CD-ROM ejected")
         return cdrom
+
+    # NICs (the work is in thinvisor.host.nics)
+
+    async def list_nics(self, name: str) -> list[dict[str, Any]]:
+        return await nics.list_nics(self, name)
+
+    async def add_nic(self, name: str, new: NewNicSpec) -> NicSpec:
+        return await nics.add_nic(self, name, new)
+
+    async def remove_nic(self, name: str, nic_name: str) -> None:
+        await nics.remove_nic(self, name, nic_name)
+
+    async def update_nic(self, name: str, nic_name: str, change: NicUpdate) -> NicSpec:
+        return await nics.update_nic(self, name, nic_name, change)
 
 
 async def _copy_in(source: Path, vm_dir: Path, name: str, field_name: str) -> str:

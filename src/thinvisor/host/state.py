@@ -32,6 +32,9 @@ class Action(StrEnum):
     REMOVE_DISK = "remove a disk"
     RESIZE_DISK = "resize a disk"
     CHANGE_CDROM = "change the CD-ROM"
+    ADD_NIC = "add a NIC"
+    REMOVE_NIC = "remove a NIC"
+    CHANGE_NIC = "change a NIC"
 
 
 _S = PowerState
@@ -52,6 +55,11 @@ ALLOWED: dict[Action, frozenset[PowerState]] = {
     Action.REMOVE_DISK: frozenset({_S.STOPPED, _S.RUNNING}),
     Action.RESIZE_DISK: frozenset({_S.STOPPED, _S.RUNNING, _S.PAUSED}),
     Action.CHANGE_CDROM: frozenset({_S.STOPPED, _S.RUNNING, _S.PAUSED}),
+    Action.ADD_NIC: frozenset({_S.STOPPED, _S.RUNNING}),
+    Action.REMOVE_NIC: frozenset({_S.STOPPED, _S.RUNNING}),
+    # Link state, port group and shaping are the host's side of the NIC: not in the
+    # saved state of a suspended VM.
+    Action.CHANGE_NIC: frozenset({_S.STOPPED, _S.RUNNING, _S.PAUSED, _S.SUSPENDED}),
 }
 
 

@@ -19,6 +19,7 @@ nodes by these names):
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from thinvisor.host.engine.accel import AccelChoice
 from thinvisor.host.engine.paths import VmPaths
 from thinvisor.model.vm import (
     PCI_SLOT_MAX,
+    USER_NETWORK,
     CdromSpec,
     DiskSpec,
     FirmwareBoot,
@@ -242,13 +244,20 @@ def _cdrom(cdrom: CdromSpec, paths: VmPaths, ide_pos: str | None, index: int | N
     return [*argv, "-device", _options(f"{dev},{bus}", bootindex=index)]
 
 
-def _nics(spec: VmSpec, boot: dict[str, int]) -> list[str]:
+def _nics(spec: VmSpec, boot: dict[str, int], tap_fds: Mapping[str, int]) -> list[str]:
     argv: list[str] = []
     for nic in spec.nics:
-        if nic.network != "user":
-            raise InvalidArgument(f"nics.{nic.name}.network", f"unknown network {nic.network!r}")
         netdev = f"{nic.name}-net"
-        argv += ["-netdev", f"user,id={netdev}"]
+        if nic.network == USER_NETWORK:
+            argv += ["-netdev", f"user,id={netdev}"]
+        elif nic.name in tap_fds:
+            # The TAP is made by thinvisor and inherited as a descriptor: QEMU needs no
+            # privileges and no helper scripts (spawn=deny forbids them anyway).
+            argv += ["-netdev", f"tap,id={netdev},fd={tap_fds[nic.name]}"]
+        else:
+            raise InvalidArgument(
+                f"nics.{nic.name}.network", f"no TAP prepared for port group {nic.network!r}"
+            )
         dev = _options(
             f"{NIC_DEVICES[nic.model]},{_placement(spec, nic.slot)}",
             netdev=netdev,
@@ -310,6 +319,7 @@ def build_argv(
     qemu_binary: str = "qemu-system-x86_64",
     incoming: bool = False,
     tsc_khz: int | None = None,
+    tap_fds: Mapping[str, int] | None = None,
 ) -> list[str]:
     """The full QEMU command line for ``spec``; raises ``InvalidArgument`` for what QEMU
     cannot build (too many IDE or PCI devices, an unknown network)."""
@@ -321,7 +331,7 @@ def build_argv(
     argv += _graphics(spec, paths)  # first, so VGA gets the first free slot (00:01.0 / 00:02.0)
     argv += _root_port_devices(spec)
     argv += _storage(spec, paths, boot)
-    argv += _nics(spec, boot)
+    argv += _nics(spec, boot, tap_fds or {})
     argv += _serials(spec, paths)
     argv += _parallel(spec, paths)
     return argv

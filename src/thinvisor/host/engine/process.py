@@ -22,6 +22,7 @@ import signal
 import struct
 import subprocess
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -127,8 +128,11 @@ def _prepare_run_dir(paths: VmPaths) -> None:
         stale.unlink(missing_ok=True)
 
 
-def spawn(argv: list[str], paths: VmPaths) -> None:
-    """Start QEMU in its own session, detached, its output appended to ``qemu.log``."""
+def spawn(argv: list[str], paths: VmPaths, *, pass_fds: Sequence[int] = ()) -> None:
+    """Start QEMU in its own session, detached, its output appended to ``qemu.log``.
+
+    ``pass_fds`` (TAP devices) are inherited by QEMU under the same numbers.
+    """
     if running_pid(paths) is not None:
         raise QemuError(f"QEMU is already running for {paths.vm_dir.name}")
     _prepare_run_dir(paths)
@@ -148,6 +152,7 @@ def spawn(argv: list[str], paths: VmPaths) -> None:
                 stderr=logf,
                 check=True,
                 close_fds=True,
+                pass_fds=tuple(pass_fds),
             )
         except (OSError, subprocess.CalledProcessError) as exc:
             raise QemuError(f"cannot start QEMU: {exc}") from exc

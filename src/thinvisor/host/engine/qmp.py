@@ -8,6 +8,7 @@ failure leaves this module as a ``QemuError``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from pathlib import Path
 from types import TracebackType
@@ -138,6 +139,23 @@ class Monitor:
 
     async def block_resize(self, node_name: str, size: int) -> None:
         await self.command("block_resize", node_name=node_name, size=size)
+
+    async def set_link(self, device_id: str, *, up: bool) -> None:
+        """Plug or unplug a NIC's virtual cable: the guest sees its link go up or down."""
+        await self.execute("set_link", {"name": device_id, "up": up})
+
+    async def netdev_add_tap_fd(self, netdev_id: str, fd: int) -> None:
+        """Add a TAP backend from a descriptor of ours (passed over the QMP socket)."""
+        await self.getfd(netdev_id, fd)
+        try:
+            await self.command("netdev_add", type="tap", id=netdev_id, fd=netdev_id)
+        except QemuError:
+            with contextlib.suppress(QemuError):
+                await self.command("closefd", fdname=netdev_id)
+            raise
+
+    async def netdev_del(self, netdev_id: str) -> None:
+        await self.command("netdev_del", id=netdev_id)
 
     async def getfd(self, fdname: str, fd: int) -> None:
         """Hand an open file descriptor to QEMU under ``fdname``."""
