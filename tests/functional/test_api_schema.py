@@ -9,14 +9,17 @@ from pathlib import Path
 
 import pytest
 
-from .agentenv import PASSWORD, TestAgent
+from .agentenv import PASSWORD
+from .netenv import NetAgent
 
 pytestmark = pytest.mark.functional
 
 SCHEMATHESIS = str(Path(sys.executable).with_name("schemathesis"))
 
 
-def test_schemathesis_finds_no_server_error_and_no_schema_violation(agent: TestAgent) -> None:
+def test_schemathesis_finds_no_server_error_and_no_schema_violation(net_agent: NetAgent) -> None:
+    # Its switches (bridges, NAT, dnsmasq) land in the test's own network namespace.
+    agent = net_agent
     with agent.client(None) as c:
         login = c.post("/auth/login", json={"user": "admin", "password": PASSWORD})
         token = login.json()["token"]

@@ -61,8 +61,9 @@ from thinvisor.errors import (
 )
 from thinvisor.fs import atomic_write
 from thinvisor.host.service import vm_info_dict
-from thinvisor.model.create import NewDiskSpec, VmCreate
-from thinvisor.model.vm import CdromSpec, DiskSpec, VmSpec, VmUpdate
+from thinvisor.model.create import NewDiskSpec, NewNicSpec, NicUpdate, VmCreate
+from thinvisor.model.vm import CdromSpec, DiskSpec, NicSpec, VmSpec, VmUpdate
+from thinvisor.network.model import PortGroupSpec, SwitchSpec
 from thinvisor.tls import fingerprint_der
 
 API = "/api/v1"
@@ -378,6 +379,7 @@ class RemoteHost:
             timeout=httpx.Timeout(timeout, connect=10.0),
             trust_env=False,
         )
+        self.network = RemoteNetwork(self)
 
     async def __aenter__(self) -> RemoteHost:
         return self
@@ -527,6 +529,24 @@ class RemoteHost:
         response = await self.call("DELETE", _vm_path(name, "cdrom"))
         return CdromSpec.model_validate(response.json())
 
+    async def list_nics(self, name: str) -> list[dict[str, Any]]:
+        nics: list[dict[str, Any]] = (await self.call("GET", _vm_path(name, "nics"))).json()
+        return nics
+
+    async def add_nic(self, name: str, new: NewNicSpec) -> NicSpec:
+        body = new.model_dump(mode="json", exclude_unset=True)
+        response = await self.call("POST", _vm_path(name, "nics"), body=body)
+        return NicSpec.model_validate(response.json())
+
+    async def remove_nic(self, name: str, nic_name: str) -> None:
+        await self.call("DELETE", _vm_path(name, "nics", nic_name))
+
+    async def update_nic(self, name: str, nic_name: str, change: NicUpdate) -> NicSpec:
+        # Only the fields given: a null shaping removes the shaping, an absent one keeps it.
+        body = change.model_dump(mode="json", include=change.model_fields_set)
+        response = await self.call("PATCH", _vm_path(name, "nics", nic_name), body=body)
+        return NicSpec.model_validate(response.json())
+
     async def log_in(self, user: str, password: str, label: str) -> dict[str, Any]:
         """Trade a password for a token: ``{token, user, role}``."""
         body = {"user": user, "password": password, "label": label}
@@ -536,6 +556,61 @@ class RemoteHost:
 
 def _vm_path(name: str, *parts: str) -> str:
     return "/".join(["/vms", *(quote(p, safe="") for p in (name, *parts))])
+
+
+class RemoteNetwork:
+    """A host agent's switches and port groups over REST: the methods of
+    ``NetworkService`` that the CLI calls (``RemoteHost.network``)."""
+
+    def __init__(self, host: RemoteHost) -> None:
+        self._host = host
+
+    async def _get(self, path: str) -> Any:
+        return (await self._host.call("GET", path)).json()
+
+    async def list_switches(self) -> list[dict[str, Any]]:
+        switches: list[dict[str, Any]] = await self._get("/networks/switches")
+        return switches
+
+    async def get_switch(self, name: str) -> dict[str, Any]:
+        switch: dict[str, Any] = await self._get(_network_path("switches", name))
+        return switch
+
+    async def create_switch(self, spec: SwitchSpec) -> dict[str, Any]:
+        # Only the fields given: the agent derives the rest (the bridge name) as it would.
+        body = spec.model_dump(mode="json", exclude_unset=True)
+        response = await self._host.call("POST", "/networks/switches", body=body)
+        switch: dict[str, Any] = response.json()
+        return switch
+
+    async def delete_switch(self, name: str) -> None:
+        await self._host.call("DELETE", _network_path("switches", name))
+
+    async def list_port_groups(self) -> list[dict[str, Any]]:
+        groups: list[dict[str, Any]] = await self._get("/networks/portgroups")
+        return groups
+
+    async def get_port_group(self, name: str) -> dict[str, Any]:
+        group: dict[str, Any] = await self._get(_network_path("portgroups", name))
+        return group
+
+    async def create_port_group(self, switch: str, group: PortGroupSpec) -> dict[str, Any]:
+        body = {**group.model_dump(mode="json"), "switch": switch}
+        response = await self._host.call("POST", "/networks/portgroups", body=body)
+        created: dict[str, Any] = response.json()
+        return created
+
+    async def update_port_group(self, name: str, vlan: int) -> dict[str, Any]:
+        path = _network_path("portgroups", name)
+        group: dict[str, Any] = (await self._host.call("PATCH", path, body={"vlan": vlan})).json()
+        return group
+
+    async def delete_port_group(self, name: str) -> None:
+        await self._host.call("DELETE", _network_path("portgroups", name))
+
+
+def _network_path(kind: str, name: str) -> str:
+    return f"/networks/{kind}/{quote(name, safe='')}"
 
 
 # --- The serial console ---------------------------------------------------------------

@@ -18,8 +18,16 @@ from thinvisor.cli.remote import VmView
 from thinvisor.console import serial
 from thinvisor.errors import InvalidArgument, ThinvisorError
 from thinvisor.host.service import HostService, VmInfo
-from thinvisor.model.create import NewDiskSpec, VmCreate
-from thinvisor.model.vm import KernelBoot, VmSpec, VmUpdate, validate
+from thinvisor.model.create import NewDiskSpec, NewNicSpec, NicUpdate, VmCreate
+from thinvisor.model.vm import (
+    Bandwidth,
+    KernelBoot,
+    NicShaping,
+    NicSpec,
+    VmSpec,
+    VmUpdate,
+    validate,
+)
 from thinvisor.storage.disk import format_size, parse_size
 
 app = typer.Typer(help="Create, inspect, power and change VMs.", no_args_is_help=True)
@@ -27,10 +35,16 @@ disk_app = typer.Typer(help="Add, remove and resize a VM's disks.", no_args_is_h
 cdrom_app = typer.Typer(
     help="Insert an ISO into a VM's CD-ROM drive, or eject it.", no_args_is_help=True
 )
+nic_app = typer.Typer(
+    help="Add, remove, connect and change a VM's network cards.", no_args_is_help=True
+)
 app.add_typer(disk_app, name="disk")
 app.add_typer(cdrom_app, name="cdrom")
+app.add_typer(nic_app, name="nic")
 
 NameArg = Annotated[str, typer.Argument(help="The VM's name.")]
+NicArg = Annotated[str, typer.Argument(help="The NIC's name, like net0.")]
+BANDWIDTH_HELP = "AVG[:PEAK[:BURST]] in kbit/s, kbit/s and KiB"
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 
 out = common.console()
@@ -84,7 +98,12 @@ def create(
     ] = None,
     no_cdrom: Annotated[bool, typer.Option("--no-cdrom", help="No CD-ROM drive.")] = False,
     nic: Annotated[
-        list[str] | None, typer.Option("--nic", help="A NIC on this network [default: user].")
+        list[str] | None,
+        typer.Option(
+            "--network",
+            "--nic",
+            help="A NIC on this port group, or user (repeatable; default: one on user).",
+        ),
     ] = None,
     no_nic: Annotated[bool, typer.Option("--no-nic", help="No network card.")] = False,
     parallel: Annotated[bool, typer.Option("--parallel", help="Add a parallel port.")] = False,
@@ -259,7 +278,7 @@ def _print_info(v: VmView, json_out: bool) -> None:
         rows += [(f"disk {d.name}", f"{d.path} ({d.format}, {d.bus})") for d in s.disks]
         if s.cdrom is not None:
             rows.append(("cdrom", s.cdrom.path or "(empty)"))
-        rows += [(f"nic {n.name}", f"{n.model} {n.mac} on {n.network}") for n in s.nics]
+        rows += [(f"nic {n.name}", _nic_text(n)) for n in s.nics]
         rows += [(f"serial {p.name}", str(v.paths.serial_log(p.name))) for p in s.serials]
         rows.append(("graphics", s.graphics.kind))
     rows += [("datastore", v.datastore), ("directory", str(v.paths.vm_dir))]
@@ -269,6 +288,11 @@ def _print_info(v: VmView, json_out: bool) -> None:
     for key, value in rows:
         table.add_row(key, value)
     out.print(table)
+
+
+def _nic_text(nic: NicSpec) -> str:
+    text = f"{nic.model} {nic.mac} on {nic.network}"
+    return text if nic.connected else f"{text} (disconnected)"
 
 
 def _boot_text(spec: VmSpec) -> str:
@@ -475,3 +499,162 @@ def cdrom_eject(name: NameArg) -> None:
     """Eject the CD-ROM drive's medium."""
     common.run_on_host(lambda s: s.eject_cdrom(name))
     typer.echo(f"{name}: ejected")
+
+
+def parse_bandwidth(text: str, option: str) -> dict[str, int] | None:
+    """``AVG[:PEAK[:BURST]]`` (kbit/s, kbit/s, KiB) as a ``Bandwidth``'s fields; ``none``
+    for no limit. PEAK may be left empty: ``1000::64``."""
+    if text.strip().lower() == "none":
+        return None
+    parts = [p.strip() for p in text.split(":")]
+    fields = ("average_kbps", "peak_kbps", "burst_kib")
+    if len(parts) > len(fields) or not parts[0] or not all(p.isdigit() for p in parts if p):
+        raise InvalidArgument(option, f"{text!r} is not {BANDWIDTH_HELP}")
+    return {field: int(p) for field, p in zip(fields, parts, strict=False) if p}
+
+
+def nic_shaping(
+    inbound: str | None, outbound: str | None, current: NicShaping | None = None
+) -> NicShaping | None:
+    """``current`` with the directions given (``AVG[:PEAK[:BURST]]`` or ``none``) replaced;
+    None when neither direction is limited."""
+    limits: dict[str, Bandwidth | dict[str, int] | None] = {
+        "inbound": current.inbound if current else None,
+        "outbound": current.outbound if current else None,
+    }
+    for option, text in (("inbound", inbound), ("outbound", outbound)):
+        if text is not None:
+            limits[option] = parse_bandwidth(text, option)
+    shaping = validate(NicShaping, limits)
+    return None if shaping.inbound is None and shaping.outbound is None else shaping
+
+
+def _bandwidth_text(b: Bandwidth) -> str:
+    parts = [str(b.average_kbps), str(b.peak_kbps or ""), str(b.burst_kib or "")]
+    return ":".join(parts).rstrip(":")
+
+
+def _shaping_text(shaping: NicShaping | None) -> str:
+    if shaping is None:
+        return "-"
+    limits = [("in", shaping.inbound), ("out", shaping.outbound)]
+    return ", ".join(f"{way} {_bandwidth_text(b)}" for way, b in limits if b is not None)
+
+
+InboundOpt = Annotated[
+    str | None, typer.Option(help=f"Limit traffic to the guest: {BANDWIDTH_HELP}, or none.")
+]
+OutboundOpt = Annotated[
+    str | None, typer.Option(help=f"Limit traffic from the guest: {BANDWIDTH_HELP}, or none.")
+]
+
+
+@nic_app.command("list")
+def nic_list(name: NameArg, json_out: JsonOpt = False) -> None:
+    """List a VM's NICs: port group, link, TAP while running, DHCP address, shaping."""
+    nics: list[dict[str, Any]] = common.run_on_host(lambda s: s.list_nics(name))
+    if json_out:
+        common.print_json(nics)
+        return
+    table = Table(box=None, header_style="bold")
+    for col in ("NAME", "MODEL", "MAC", "NETWORK", "LINK", "TAP", "IP", "SHAPING"):
+        table.add_column(col)
+    for n in nics:
+        shaping = NicShaping.model_validate(n["shaping"]) if n.get("shaping") else None
+        link = "up" if n["connected"] else "down"
+        row = (n["name"], n["model"], n["mac"], n["network"], link, n["tap"], n["ip"])
+        table.add_row(*(v or "-" for v in row), _shaping_text(shaping))
+    out.print(table)
+
+
+def _print_nic(nic: NicSpec, message: str, json_out: bool) -> None:
+    if json_out:
+        common.print_json(nic.model_dump(mode="json"))
+    else:
+        typer.echo(message)
+
+
+@nic_app.command("add")
+def nic_add(
+    name: NameArg,
+    network: Annotated[str, typer.Option("--network", help="The port group to join, or user.")],
+    model: Annotated[
+        str, typer.Option(help="virtio, e1000 or rtl8139 (running VMs: virtio).")
+    ] = "virtio",
+    mac: Annotated[str | None, typer.Option(help="The MAC (default: a new one).")] = None,
+    disconnected: Annotated[
+        bool, typer.Option("--disconnected", help="Add it with its cable unplugged.")
+    ] = False,
+    inbound: InboundOpt = None,
+    outbound: OutboundOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Add a NIC; hot-plugged when the VM is running."""
+
+    def build() -> NewNicSpec:
+        data: dict[str, Any] = {"network": network, "model": model, "mac": mac}
+        if disconnected:
+            data["connected"] = False
+        data["shaping"] = nic_shaping(inbound, outbound)
+        return validate(NewNicSpec, {k: v for k, v in data.items() if v is not None})
+
+    new = common.guard(build)
+    nic: NicSpec = common.run_on_host(lambda s: s.add_nic(name, new))
+    _print_nic(nic, f"{name}: added {nic.name} ({_nic_text(nic)})", json_out)
+
+
+@nic_app.command("remove")
+def nic_remove(name: NameArg, nic: NicArg) -> None:
+    """Remove a NIC; on a running VM the guest is asked to release it first."""
+    common.run_on_host(lambda s: s.remove_nic(name, nic))
+    typer.echo(f"{name}: removed {nic}")
+
+
+def _cable(verb: str, connected: bool, help_text: str) -> None:
+    def command(name: NameArg, nic: NicArg, json_out: JsonOpt = False) -> None:
+        change = NicUpdate(connected=connected)
+        spec: NicSpec = common.run_on_host(lambda s: s.update_nic(name, nic, change))
+        _print_nic(spec, f"{name}: {spec.name} {verb}ed", json_out)
+
+    command.__doc__ = help_text
+    nic_app.command(name=verb)(command)
+
+
+_cable("connect", True, "Plug a NIC's virtual cable in (also while the VM runs).")
+_cable("disconnect", False, "Unplug a NIC's virtual cable: the guest sees its link go down.")
+
+
+@nic_app.command("set")
+def nic_set(
+    name: NameArg,
+    nic: NicArg,
+    network: Annotated[
+        str | None, typer.Option("--network", help="Move it to this port group, or user.")
+    ] = None,
+    inbound: InboundOpt = None,
+    outbound: OutboundOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Move a NIC to another port group or change its shaping; at once on a running VM."""
+    if network is None and inbound is None and outbound is None:
+        common.fail("nic: give at least one option to change")
+    common.guard(lambda: nic_shaping(inbound, outbound))  # bad input fails before the host
+
+    async def go(host: common.Host) -> NicSpec:
+        changes: dict[str, Any] = {} if network is None else {"network": network}
+        if inbound is not None or outbound is not None:
+            current = None
+            if inbound is None or outbound is None:  # the other direction is kept
+                current = _current_shaping(await host.get_vm(name), nic)
+            changes["shaping"] = nic_shaping(inbound, outbound, current)
+        spec: NicSpec = await host.update_nic(name, nic, validate(NicUpdate, changes))
+        return spec
+
+    spec: NicSpec = common.run_on_host(go)
+    shaping = f"; shaping {_shaping_text(spec.shaping)}" if spec.shaping else ""
+    _print_nic(spec, f"{name}: {spec.name} is {_nic_text(spec)}{shaping}", json_out)
+
+
+def _current_shaping(info: VmView, nic: str) -> NicShaping | None:
+    found = next((n for n in info.spec.nics if n.name == nic), None) if info.spec else None
+    return found.shaping if found else None
