@@ -23,8 +23,9 @@ from websockets.sync.client import connect
 from thinvisor.api.server import prepare_tls
 from thinvisor.appliance import build_appliance
 from thinvisor.auth import Role, UserStore
-from thinvisor.config import HostConfig, load_config
+from thinvisor.config import HostConfig, config_path, load_config
 from thinvisor.errors import ThinvisorError
+from thinvisor.fs import atomic_write
 
 NAME = "demo"
 DEMO_USER = "demo"
@@ -32,6 +33,12 @@ READY = re.compile(rb"THINVISOR-APPLIANCE-READY uptime=([0-9.]+)")
 # Terminal control sequences (the guest shell asks the terminal for its size).
 CONTROL = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 CREDENTIALS = Path.home() / ".config" / "thinvisor" / "demo-credentials"
+# The demo's VM networking lives in a network namespace of its own, so that trying
+# thinvisor changes nothing in the machine's own network (no bridge, address or
+# nftables rule appears there); a real host leaves [network] namespace unset.
+DEMO_NAMESPACE = "thinvisor-demo"
+NAT_SWITCH = "default"
+NAT_ADDRESS = "10.47.0.1/24"
 
 
 def say(text: str) -> None:
@@ -58,6 +65,49 @@ def credentials(config: HostConfig) -> tuple[str, str]:
     os.chmod(CREDENTIALS, 0o600)
     say(f"created the admin user {DEMO_USER!r}; credentials in {CREDENTIALS}")
     return DEMO_USER, password
+
+
+def demo_config() -> HostConfig:
+    """The host's configuration; on a machine that has none, one that keeps the VMs'
+    networking in the demo's own network namespace (written to the default path)."""
+    path = config_path()
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(
+            path,
+            "# Written by `make demo`: the VMs' networking (switches, TAPs, dnsmasq) lives\n"
+            "# in this network namespace, away from the machine's own network. Remove the\n"
+            "# [network] table to run VM networks in the host's namespace.\n"
+            f'[network]\nnamespace = "{DEMO_NAMESPACE}"\n',
+        )
+        say(f"wrote {path}: VM networking in the network namespace {DEMO_NAMESPACE!r}")
+    return load_config()
+
+
+def ensure_nat_switch(client: httpx.Client) -> None:
+    """The NAT switch ``default`` with its port group, as libvirt's default network."""
+    if client.get(f"/networks/switches/{NAT_SWITCH}").status_code == 200:
+        return
+    say(f"creating the NAT switch {NAT_SWITCH!r} ({NAT_ADDRESS}, DHCP and DNS by dnsmasq)")
+    body = {
+        "name": NAT_SWITCH,
+        "nat": {"address": NAT_ADDRESS},
+        "port_groups": [{"name": NAT_SWITCH}],
+    }
+    response = client.post("/networks/switches", json=body)
+    if response.status_code != 201:
+        raise ThinvisorError(f"{response.status_code}: {response.text}")
+
+
+def wait_address(client: httpx.Client) -> str | None:
+    """The address the VM's first NIC leased from the NAT switch's DHCP server."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        nics = client.get(f"/vms/{NAME}/nics").json()
+        if nics and nics[0].get("ip"):
+            return str(nics[0]["ip"])
+        time.sleep(0.5)
+    return None
 
 
 def ensure_agent(config: HostConfig, base: str, cert: Path) -> None:
@@ -115,7 +165,7 @@ def ensure_vm(client: httpx.Client) -> dict[str, Any]:
         "memory_mib": 128,
         "appliance": True,
         "cdrom": {},
-        "nics": [{}],
+        "nics": [{"network": NAT_SWITCH}],
         "disks": [{"size": 1 << 30}],
     }
     result: dict[str, Any] = wait_task(client, client.post("/vms", json=body))["result"]
@@ -146,7 +196,7 @@ def console_until_ready(port: int, cert: Path, user: str, password: str) -> str:
 
 
 def demo() -> None:
-    config = load_config()
+    config = demo_config()
     say("building the quick-start appliance (cached after the first run)")
     build_appliance(config.cache_dir, progress=lambda m: say(f"  {m}"))
     config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -157,6 +207,7 @@ def demo() -> None:
     ensure_agent(config, base, cert)
     context = ssl.create_default_context(cafile=str(cert))
     with httpx.Client(base_url=base, verify=context, auth=(user, password), timeout=120) as c:
+        ensure_nat_switch(c)
         vm = ensure_vm(c)
         if vm["state"] in ("stopped", "suspended"):
             say(f"starting VM {NAME!r} through POST /api/v1/vms/{NAME}/start")
@@ -165,12 +216,17 @@ def demo() -> None:
             wait_task(c, c.post(f"/vms/{NAME}/resume"))
         console = console_until_ready(port, cert, user, password)
         vm = c.get(f"/vms/{NAME}").json()
+        address = wait_address(c)
     say(
         f"\nVM {NAME!r} is {vm['state']} (pid {vm['pid']}). Its serial console, read over the "
         "API's WebSocket, said:\n"
     )
     for line in console.splitlines()[-12:]:
         say(f"  | {line.rstrip()}")
+    if address:
+        say(f"\nIts NIC leased {address} from the NAT switch {NAT_SWITCH!r} ({NAT_ADDRESS}).")
+    else:
+        say(f"\nIts NIC has no DHCP lease from the NAT switch {NAT_SWITCH!r} yet.")
     say(
         f"\nThe host agent runs at {base} (TLS certificate SHA-256 {fingerprint}).\n"
         f"Next:\n"
@@ -178,6 +234,8 @@ def demo() -> None:
         f"  .venv/bin/thinvisor vm console {NAME}      # attach; detach with Ctrl-]\n"
         f"  .venv/bin/thinvisor vm shutdown {NAME}     # ACPI; 'vm stop' pulls the plug\n"
         f"  .venv/bin/thinvisor vm delete {NAME}\n"
+        f"  .venv/bin/thinvisor network switch show {NAT_SWITCH}   # ports, DHCP leases\n"
+        f"  .venv/bin/thinvisor vm nic list {NAME}\n"
         f"  the OpenAPI schema: {base}/openapi.json, browsable at {base}/docs\n"
         f"  CIM: .venv-tools/bin/pywbemcli -s https://127.0.0.1:{config.cim.port} "
         f"--ca-certs {cert} -u {user} -p ... profile list\n"

@@ -21,12 +21,21 @@ def namespace_path(namespace: str) -> str:
 
 
 def enter(namespace: str | None) -> None:
-    """Move the calling thread into ``namespace``; nothing when it is None."""
+    """Move the calling thread into ``namespace``; nothing when it is None.
+
+    A namespace given by name is created when missing (``/run/netns`` does not survive
+    a reboot, and the agent rebuilds the switches in it); one given by path must exist.
+    """
     if namespace is None:
         return
     path = namespace_path(namespace)
     if not os.path.exists(path):
-        raise InvalidConfig(f"network.namespace: {path} does not exist")
+        if namespace.startswith("/"):
+            raise InvalidConfig(f"network.namespace: {path} does not exist")
+        try:
+            netns.create(namespace)
+        except OSError as exc:
+            raise InvalidConfig(f"network.namespace: cannot create {path}: {exc}") from exc
     try:
         netns.setns(path, flags=0)
     except OSError as exc:
