@@ -158,7 +158,7 @@ def ensure_vm(client: httpx.Client) -> dict[str, Any]:
     found = client.get(f"/vms/{NAME}")
     if found.status_code == 200:
         vm: dict[str, Any] = found.json()
-        return vm
+        return on_nat_switch(client, vm)
     say(f"creating VM {NAME!r} through POST /api/v1/vms")
     body = {
         "name": NAME,
@@ -170,6 +170,20 @@ def ensure_vm(client: httpx.Client) -> dict[str, Any]:
     }
     result: dict[str, Any] = wait_task(client, client.post("/vms", json=body))["result"]
     return result
+
+
+def on_nat_switch(client: httpx.Client, vm: dict[str, Any]) -> dict[str, Any]:
+    """A demo VM from an older thinvisor (user networking) moves to the NAT switch."""
+    nics = client.get(f"/vms/{NAME}/nics").json()
+    if not nics or nics[0]["network"] == NAT_SWITCH:
+        return vm
+    if vm["state"] != "stopped":
+        say(f"powering off VM {NAME!r} to move its NIC to the NAT switch {NAT_SWITCH!r}")
+        client.post(f"/vms/{NAME}/stop").raise_for_status()
+    moved = client.patch(f"/vms/{NAME}/nics/{nics[0]['name']}", json={"network": NAT_SWITCH})
+    moved.raise_for_status()
+    updated: dict[str, Any] = client.get(f"/vms/{NAME}").json()
+    return updated
 
 
 def console_until_ready(port: int, cert: Path, user: str, password: str) -> str:
