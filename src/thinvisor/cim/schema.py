@@ -98,6 +98,9 @@ SCHEMA_CLASSES: tuple[str, ...] = (
     "CIM_ElementAllocatedFromPool",
     "CIM_ResourceAllocationFromPool",
     "CIM_SettingsDefineCapabilities",
+    # Virtual Ethernet Switch (DSP1097), Ethernet Port Resource Virtualization (DSP1050)
+    "CIM_VirtualEthernetSwitchSettingData",
+    "CIM_DeviceConnection",
     # Devices of hosts and VMs, and jobs (thinvisor's tasks)
     "CIM_LogicalDisk",
     "CIM_EthernetPort",

@@ -5,14 +5,18 @@ The object manager (one ``TV_ObjectManager``), its namespaces (``TV_Namespace``)
 from each profile to its central instances (in root/cimv2, but for Profile
 Registration's own: the object manager) and ``TV_ReferencedProfile`` from the
 autonomous profiles (Base Server, System Virtualization) to their component profiles.
+Profiles implemented by other provider modules (the network's DSP1097 and DSP1050) are
+handed to ``providers`` as ``ProfileSupport``: registered, referenced and conformed to
+the same way.
 Clients find central instances the way pywbem's ``WBEMServer.get_central_instances``
 does: AssociatorNames over ``CIM_ElementConformsToProfile`` to ``ManagedElement``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 from pywbem import CIMInstance, CIMInstanceName
 
@@ -141,7 +145,9 @@ async def namespaces(ctx: CimContext) -> list[CIMInstance]:
     ]
 
 
-async def registered_profiles(ctx: CimContext) -> list[CIMInstance]:
+async def registered_profiles(
+    ctx: CimContext, profiles: Sequence[Profile] = PROFILES
+) -> list[CIMInstance]:
     return [
         make_instance(
             ctx.repository,
@@ -156,11 +162,13 @@ async def registered_profiles(ctx: CimContext) -> list[CIMInstance]:
             },
             INTEROP,
         )
-        for profile in PROFILES
+        for profile in profiles
     ]
 
 
-async def referenced_profiles(ctx: CimContext) -> list[CIMInstance]:
+async def referenced_profiles(
+    ctx: CimContext, references: Mapping[Profile, Sequence[Profile]] = REFERENCES
+) -> list[CIMInstance]:
     return [
         make_instance(
             ctx.repository,
@@ -168,7 +176,7 @@ async def referenced_profiles(ctx: CimContext) -> list[CIMInstance]:
             {"Antecedent": component.path, "Dependent": scoping.path},
             INTEROP,
         )
-        for scoping, components in REFERENCES.items()
+        for scoping, components in references.items()
         for component in components
     ]
 
@@ -176,11 +184,22 @@ async def referenced_profiles(ctx: CimContext) -> list[CIMInstance]:
 Centrals = Callable[[CimContext], Awaitable[list[CIMInstanceName]]]
 
 
+@dataclass(frozen=True)
+class ProfileSupport:
+    """A profile another provider module implements: how to find its central instances,
+    and the autonomous profile that references it (None when it is autonomous)."""
+
+    profile: Profile
+    centrals: Centrals
+    scoping: Profile | None = None
+
+
 class Conformance:
     """Which instances are central to which profile."""
 
-    def __init__(self, hardware: HostHardware) -> None:
+    def __init__(self, hardware: HostHardware, extra: Sequence[ProfileSupport] = ()) -> None:
         self.hardware = hardware
+        self.extra = tuple(extra)
 
     def centrals(self) -> dict[Profile, Centrals]:
         return {
@@ -196,6 +215,7 @@ class Conformance:
             RECORD_LOG: self._log,
             VIRTUAL_SYSTEM: self._vms,
             RESOURCE_ALLOCATION: self._pools,
+            **{support.profile: support.centrals for support in self.extra},
         }
 
     async def instances(self, ctx: CimContext) -> list[CIMInstance]:
@@ -242,14 +262,26 @@ class Conformance:
         return paths
 
 
-def providers(hardware: HostHardware | None = None) -> list[InstanceProvider]:
+def providers(
+    hardware: HostHardware | None = None, extra: Sequence[ProfileSupport] = ()
+) -> list[InstanceProvider]:
     """The Profile Registration profile's providers; ``hardware`` finds the central
-    instances of the hardware profiles (the host's own /sys and /proc by default)."""
-    conformance = Conformance(hardware or HostHardware())
+    instances of the hardware profiles (the host's own /sys and /proc by default);
+    ``extra`` are the profiles other modules implement, registered next to ``PROFILES``."""
+    conformance = Conformance(hardware or HostHardware(), extra)
+    profiles = [*PROFILES, *(support.profile for support in extra)]
+    references = {scoping: list(components) for scoping, components in REFERENCES.items()}
+    for support in extra:
+        if support.scoping is not None:
+            references.setdefault(support.scoping, []).append(support.profile)
     return [
         FunctionProvider(OBJECT_MANAGER, INTEROP, object_managers),
         FunctionProvider("TV_Namespace", INTEROP, namespaces),
-        FunctionProvider("TV_RegisteredProfile", INTEROP, registered_profiles),
-        FunctionProvider("TV_ReferencedProfile", INTEROP, referenced_profiles),
+        FunctionProvider(
+            "TV_RegisteredProfile", INTEROP, partial(registered_profiles, profiles=profiles)
+        ),
+        FunctionProvider(
+            "TV_ReferencedProfile", INTEROP, partial(referenced_profiles, references=references)
+        ),
         FunctionProvider("TV_ElementConformsToProfile", INTEROP, conformance.instances),
     ]

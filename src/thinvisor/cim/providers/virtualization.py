@@ -890,6 +890,18 @@ def _vm_name_of_vssd(ctx: CimContext, ref: Any) -> str:
     return service_of(ctx).resolve(uuid)
 
 
+def _is_vm(ctx: CimContext, system: CIMInstanceName) -> bool:
+    """Whether a ``TV_ComputerSystem`` is a VM (not the host, not a virtual switch)."""
+    name = str(system.keybindings.get("Name"))
+    if name == host_name():
+        return False
+    try:
+        service_of(ctx).resolve(name)
+    except NotFound:
+        return False
+    return True
+
+
 # RequestedState -> (service method, the action whose state gate it passes, as a job?)
 _TRANSITIONS: dict[int, tuple[str, Action, bool]] = {
     2: ("start", Action.START, False),
@@ -904,7 +916,8 @@ _TRANSITIONS: dict[int, tuple[str, Action, bool]] = {
 
 @dataclass
 class ComputerSystems:
-    """TV_ComputerSystem: the host and its VMs; RequestStateChange drives a VM's power."""
+    """TV_ComputerSystem: the host and its VMs (the network module adds the switches);
+    RequestStateChange drives a VM's power."""
 
     classname: str = "TV_ComputerSystem"
     namespace: str = CIMV2
@@ -920,8 +933,8 @@ class ComputerSystems:
     ) -> Result:
         if method.lower() != "requeststatechange" or not isinstance(target, CIMInstanceName):
             return Uint32(NOT_SUPPORTED), {}
-        if str(target.keybindings.get("Name")) == host_name():
-            return Uint32(NOT_SUPPORTED), {}  # the host's power is not managed over CIM
+        if not _is_vm(ctx, target):
+            return Uint32(NOT_SUPPORTED), {}  # the host and the switches: not over CIM
         requested = params.get("RequestedState")
         if requested is None or int(requested) not in _TRANSITIONS:
             return Uint32(RSC_INVALID_PARAMETER), {}
