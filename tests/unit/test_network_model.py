@@ -144,3 +144,11 @@ def test_tap_name_is_short_deterministic_and_distinct() -> None:
     assert name != tap_name(uuid, "net1")
     others = {tap_name(f"00000000-0000-0000-0000-{n:012d}", "net0") for n in range(2000)}
     assert len(others) == 2000
+
+
+def test_only_thinvisor_tap_names_are_recognised() -> None:
+    from thinvisor.network.netlink import is_tap_name, tap_name
+
+    assert is_tap_name(tap_name("0b5f0c1e-8a5d-4c9e-9a1b-2f3c4d5e6f70", "net0"))
+    for other in ("tvleft", "tvf0123456789ab", "tv0123456789abc", "tv0123456789AB", "tap0"):
+        assert not is_tap_name(other)

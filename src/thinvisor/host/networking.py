@@ -407,8 +407,10 @@ class NetworkService:
             shaping.delete_ifb(ifb)
             removed.append(f"IFB {ifb}")
         for tap in netlink.list_taps():
-            # Persistent TAPs are never thinvisor's (its TAPs die with their QEMU).
-            if tap not in taps and netlink.tap_is_persistent(tap):
+            # A persistent TAP named as thinvisor names them is a leftover of an older
+            # thinvisor (its TAPs now die with their QEMU); others are not ours to touch.
+            ours = netlink.is_tap_name(tap)
+            if ours and tap not in taps and netlink.tap_is_persistent(tap):
                 netlink.delete_tap(tap)
                 removed.append(f"TAP {tap}")
         return removed

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import re
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -31,6 +32,7 @@ from thinvisor.network.model import (
 
 TAP_PREFIX = "tv"
 _TAP_HASH_CHARS = 12  # 48 bits: "tv" + 12 = 14 characters, under IFNAMSIZ
+_TAP_NAME_RE = re.compile(rf"{TAP_PREFIX}[0-9a-f]{{{_TAP_HASH_CHARS}}}")
 _DEFAULT_PVID = 1  # the bridge's default_pvid: untagged traffic rides VLAN 1
 
 
@@ -289,6 +291,11 @@ def delete_tap(name: str) -> bool:
             raise InvalidArgument("tap", f"{name!r} is not a TAP device")
         ip.link("del", index=link["index"])
         return True
+
+
+def is_tap_name(name: str) -> bool:
+    """Whether ``name`` has the form of a thinvisor TAP (``tv`` and 12 hex digits)."""
+    return _TAP_NAME_RE.fullmatch(name) is not None
 
 
 def list_taps(prefix: str = TAP_PREFIX) -> list[str]:
