@@ -109,7 +109,7 @@ def test_disks_and_creation_options_over_the_api(host: TestHost, agent: TestAgen
     assert cli("vm", "disk", "remove", "d", "disk1").stdout == "d: removed disk1\n"
     assert cli.error("vm", "create", "d") == "vm 'd' already exists"
     assert cli.error("vm", "create", "e", "--nic", "dmz") == (
-        "nics.net0.network: network 'dmz' does not exist"
+        "nics.net0.network: no port group 'dmz' on this host"
     )
     cli("vm", "delete", "d")
 
