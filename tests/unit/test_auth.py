@@ -19,6 +19,8 @@ from thinvisor.cli import common
 from thinvisor.cli.users import app
 from thinvisor.errors import AlreadyExists, InvalidArgument, InvalidConfig, NotFound
 
+from .clienv import host_env
+
 # Cheap parameters: argon2 is slow on purpose, tests need not be.
 FAST = PasswordHasher(time_cost=1, memory_cost=8, parallelism=1)
 PW = "correct horse"
@@ -350,14 +352,8 @@ def test_throttle_memory_is_bounded() -> None:
 
 @pytest.fixture
 def env(tmp_path: Path) -> Iterator[dict[str, str]]:
-    config = tmp_path / "host.toml"
-    config.write_text(
-        f'state_dir = "{tmp_path / "state"}"\n'
-        f'run_dir = "{tmp_path / "run"}"\ncache_dir = "{tmp_path / "cache"}"\n'
-        f'[[datastores]]\nname = "local"\npath = "{tmp_path / "ds"}"\n'
-    )
     common.set_config_path(None)  # forget a configuration another test loaded
-    yield {"THINVISOR_CONFIG": str(config)}
+    yield host_env(tmp_path)
     common.set_config_path(None)
 
 

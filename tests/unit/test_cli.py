@@ -6,26 +6,13 @@ import json
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from thinvisor.cli.main import app
+from .clienv import host_env, tv
 
 
 @pytest.fixture
 def env(tmp_path: Path) -> dict[str, str]:
-    config = tmp_path / "host.toml"
-    config.write_text(
-        f'run_dir = "{tmp_path / "run"}"\ncache_dir = "{tmp_path / "cache"}"\n'
-        f'[[datastores]]\nname = "local"\npath = "{tmp_path / "ds"}"\n'
-    )
-    # Its own XDG_CONFIG_HOME: a login of the person running the tests must not apply.
-    return {"THINVISOR_CONFIG": str(config), "XDG_CONFIG_HOME": str(tmp_path / "xdg")}
-
-
-def tv(env: dict[str, str], *args: str, code: int = 0) -> str:
-    result = CliRunner().invoke(app, list(args), env=env)
-    assert result.exit_code == code, result.output
-    return result.stderr if code else result.stdout
+    return host_env(tmp_path)
 
 
 def datastore(env: dict[str, str]) -> list[str]:
