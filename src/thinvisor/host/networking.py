@@ -246,7 +246,7 @@ class NetworkService:
             switch, _ = self.lookup(name, "name")
             self.store.set_port_group_vlan(name, vlan)
             switch = self.store.get(switch.name)
-            await asyncio.to_thread(self._rewire_switch, switch)
+            await asyncio.to_thread(self._rejoin, switch)
         self.emit("network.portgroup_changed", f"portgroup/{name}", f"VLAN set to {vlan}")
         return await self.get_port_group(name)
 
@@ -285,47 +285,52 @@ class NetworkService:
             tap = netlink.tap_name(spec.uuid, nic.name)
             fd = await asyncio.to_thread(open_tap, tap)
             try:
-                await asyncio.to_thread(self._wire, switch, group.vlan, tap, nic, extra=tap)
+                await asyncio.to_thread(self._wire, switch, group.vlan, tap, nic)
             except BaseException:
                 os.close(fd)
                 await asyncio.to_thread(_drop_ifb, tap)
                 raise
             return fd
 
-    def _wire(
-        self, switch: SwitchSpec, vlan: int, tap: str, nic: NicSpec, extra: str | None = None
-    ) -> None:
+    def _wire(self, switch: SwitchSpec, vlan: int, tap: str, nic: NicSpec) -> None:
         """Isolation first (so a new port never talks to the wrong VLAN), then the port."""
-        self._apply_isolation(switch, extra={tap: vlan} if extra else None)
+        self._apply_isolation(switch, self._live_ports(switch), extra={tap: vlan})
         netlink.attach_port(tap, switch, vlan)
         shaping.apply_shaping(tap, nic.shaping)
 
-    def _apply_isolation(self, switch: SwitchSpec, extra: dict[str, int] | None = None) -> None:
-        """The nftables VLAN rules of ``switch`` from the TAPs present now (and ``extra``)."""
+    def _live_ports(self, switch: SwitchSpec) -> list[tuple[NicPort, int]]:
+        """The running NICs on ``switch`` whose TAP exists, each with its VLAN id."""
+        vlans = {g.name: g.vlan for g in switch.port_groups}
+        return [
+            (p, vlans[p.nic.network])
+            for p in self.nic_ports()
+            if p.running and p.nic.network in vlans and netlink.link_exists(p.tap)
+        ]
+
+    def _apply_isolation(
+        self,
+        switch: SwitchSpec,
+        live: list[tuple[NicPort, int]],
+        extra: dict[str, int] | None = None,
+    ) -> None:
+        """The nftables VLAN rules of ``switch`` for the ``live`` ports (and ``extra``)."""
         if not switch.vlan_filtering or netlink.bridge_filters_vlans(switch.bridge_name):
             nftables.remove_vlan_isolation(switch.name)
             return
-        vlans = {g.name: g.vlan for g in switch.port_groups}
-        members = {
-            p.tap: vlans[p.nic.network]
-            for p in self.nic_ports()
-            if p.running and p.nic.network in vlans
-        }
-        members = {tap: vlan for tap, vlan in members.items() if netlink.link_exists(tap)}
-        members.update(extra or {})
+        members = {p.tap: vlan for p, vlan in live} | (extra or {})
         groups: dict[int, list[str]] = {}
         for tap, vlan in sorted(members.items()):
             if 0 < vlan <= VLAN_MAX:  # untagged and trunk ports share the native segment
                 groups.setdefault(vlan, []).append(tap)
         nftables.apply_vlan_isolation(switch.name, groups)
 
-    def _rewire_switch(self, switch: SwitchSpec) -> None:
-        """Bring every running TAP on ``switch`` to its port group's current VLAN."""
-        self._apply_isolation(switch)
-        vlans = {g.name: g.vlan for g in switch.port_groups}
-        for port in self.nic_ports():
-            if port.running and port.nic.network in vlans and netlink.link_exists(port.tap):
-                netlink.attach_port(port.tap, switch, vlans[port.nic.network])
+    def _rejoin(self, switch: SwitchSpec) -> None:
+        """Bring every running TAP on ``switch`` to its port group's VLAN and shaping."""
+        live = self._live_ports(switch)
+        self._apply_isolation(switch, live)
+        for port, vlan in live:
+            netlink.attach_port(port.tap, switch, vlan)
+            shaping.apply_shaping(port.tap, port.nic.shaping)
 
     async def rewire_nic(self, spec: VmSpec, nic: NicSpec) -> None:
         """Move a running NIC's TAP to ``nic``'s port group and shaping."""
@@ -334,11 +339,12 @@ class NetworkService:
             tap = netlink.tap_name(spec.uuid, nic.name)
             if not await asyncio.to_thread(netlink.link_exists, tap):
                 raise NotFound(f"the TAP {tap!r} of NIC {nic.name!r} does not exist")
-            await asyncio.to_thread(self._wire, switch, group.vlan, tap, nic, extra=tap)
+            await asyncio.to_thread(self._wire, switch, group.vlan, tap, nic)
             # The switch it left keeps no rule for it.
             for other in self.store.switches():
                 if other.name != switch.name:
-                    await asyncio.to_thread(self._apply_isolation, other)
+                    live = await asyncio.to_thread(self._live_ports, other)
+                    await asyncio.to_thread(self._apply_isolation, other, live)
 
     async def nic_gone(self, spec: VmSpec, nic: NicSpec) -> None:
         """Tidy up after a NIC's TAP went away (its IFB); the kernel removed the TAP."""
@@ -372,8 +378,7 @@ class NetworkService:
         for switch in config.switches:
             try:
                 self._realize(switch)
-                self._rewire_switch(switch)
-                self._reshape(switch)
+                self._rejoin(switch)
             except Exception as exc:  # one broken switch must not stop the others
                 log.exception("switch %s", switch.name)
                 report["failed"].append(f"switch {switch.name}: {exc}")
@@ -384,12 +389,6 @@ class NetworkService:
                 report[key].append(f"dnsmasq {switch.name} (pid {pid})")
         report["removed"] += self._remove_strays(config)
         return report
-
-    def _reshape(self, switch: SwitchSpec) -> None:
-        groups = {g.name for g in switch.port_groups}
-        for port in self.nic_ports():
-            if port.running and port.nic.network in groups and netlink.link_exists(port.tap):
-                shaping.apply_shaping(port.tap, port.nic.shaping)
 
     def _remove_strays(self, config: NetworkConfig) -> list[str]:
         removed: list[str] = []
