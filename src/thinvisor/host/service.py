@@ -38,7 +38,13 @@ from thinvisor.host.engine.qmp import Monitor
 from thinvisor.host.events import EventLog
 from thinvisor.host.inventory import CREATING, DELETING, Inventory, VmEntry, save_spec
 from thinvisor.host.networking import NetworkService, close_fds
-from thinvisor.host.state import Action, PowerState, check_allowed, power_state_of
+from thinvisor.host.state import (
+    Action,
+    PowerState,
+    check_allowed,
+    check_template,
+    power_state_of,
+)
 from thinvisor.model.create import NewDiskSpec, NewNicSpec, NicUpdate, VmCreate
 from thinvisor.model.vm import (
     CdromSpec,
@@ -417,6 +423,7 @@ class HostService:
 
     async def _locked_state(self, name: str, action: Action) -> tuple[VmEntry, VmSpec, PowerState]:
         entry, spec = self.inventory.get_valid(name)
+        check_template(name, spec.template, action)
         state, _, _ = await self.state_of(entry)
         check_allowed(name, state, action)
         return entry, spec, state

@@ -35,6 +35,15 @@ class Action(StrEnum):
     ADD_NIC = "add a NIC"
     REMOVE_NIC = "remove a NIC"
     CHANGE_NIC = "change a NIC"
+    SNAPSHOT = "take a snapshot"
+    REVERT_SNAPSHOT = "revert to a snapshot"
+    DELETE_SNAPSHOT = "delete a snapshot"
+    CLONE = "clone the current state"
+    CLONE_SNAPSHOT = "clone a snapshot"
+    EXPORT = "export"
+    MOVE_DISK = "move a disk"
+    CONVERT_DISK = "change a disk's provisioning"
+    MARK_TEMPLATE = "mark as a template"
 
 
 _S = PowerState
@@ -60,13 +69,37 @@ ALLOWED: dict[Action, frozenset[PowerState]] = {
     # Link state, port group and shaping are the host's side of the NIC: not in the
     # saved state of a suspended VM.
     Action.CHANGE_NIC: frozenset({_S.STOPPED, _S.RUNNING, _S.PAUSED, _S.SUSPENDED}),
+    # A suspended VM's saved state belongs to its current disks: no snapshot of it.
+    Action.SNAPSHOT: frozenset({_S.STOPPED, _S.RUNNING, _S.PAUSED}),
+    # Reverting powers the VM off first (and drops a suspended state), as on ESXi.
+    Action.REVERT_SNAPSHOT: frozenset({_S.STOPPED, _S.RUNNING, _S.PAUSED, _S.SUSPENDED}),
+    Action.DELETE_SNAPSHOT: frozenset({_S.STOPPED, _S.RUNNING, _S.PAUSED, _S.SUSPENDED}),
+    # The current state of a running VM changes under the copy: clone a snapshot instead.
+    Action.CLONE: frozenset({_S.STOPPED}),
+    Action.CLONE_SNAPSHOT: frozenset({_S.STOPPED, _S.RUNNING, _S.PAUSED, _S.SUSPENDED}),
+    Action.EXPORT: frozenset({_S.STOPPED}),
+    Action.MOVE_DISK: frozenset({_S.STOPPED, _S.RUNNING, _S.PAUSED}),
+    Action.CONVERT_DISK: frozenset({_S.STOPPED}),
+    Action.MARK_TEMPLATE: frozenset({_S.STOPPED}),
 }
+
+# What a template allows: it is never powered on and its disks never change, since
+# linked clones may read them.
+TEMPLATE_ALLOWED = frozenset(
+    {Action.DELETE, Action.CLONE, Action.CLONE_SNAPSHOT, Action.EXPORT, Action.MARK_TEMPLATE}
+)
 
 
 def check_allowed(vm: str, state: PowerState, action: Action) -> None:
     """Raise ``InvalidState`` unless ``action`` is allowed in ``state``."""
     if state not in ALLOWED[action]:
         raise InvalidState(vm, state.value, action.value)
+
+
+def check_template(vm: str, template: bool, action: Action) -> None:
+    """Raise ``InvalidState`` when ``vm`` is a template and ``action`` is not for one."""
+    if template and action not in TEMPLATE_ALLOWED:
+        raise InvalidState(vm, "a template", action.value)
 
 
 def power_state_of(qemu_status: str) -> PowerState:

@@ -217,6 +217,8 @@ class VmSpec(StrictModel):
     autostart: bool = False
     # Autostart VMs start in ascending order (then by name) and stop in reverse.
     autostart_order: int = Field(default=0, ge=0, le=10_000)
+    # A template is never powered on; VMs are deployed from it as full or linked clones.
+    template: bool = False
 
     @field_validator("uuid")
     @classmethod
