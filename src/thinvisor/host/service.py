@@ -23,14 +23,16 @@ from thinvisor.appliance import Appliance, build_appliance, find_appliance
 from thinvisor.config import HostConfig
 from thinvisor.errors import (
     AlreadyExists,
+    Busy,
     InvalidArgument,
     NotFound,
     QemuError,
 )
 from thinvisor.fs import fsync_dir
-from thinvisor.host import hostinfo, nics
+from thinvisor.host import hostinfo, nics, snapshots
+from thinvisor.host.chains import own_files, real, users_of
 from thinvisor.host.context import current_user
-from thinvisor.host.engine import process
+from thinvisor.host.engine import blocks, process
 from thinvisor.host.engine.accel import AccelChoice, choose_accel
 from thinvisor.host.engine.argv import build_argv, disk_nodes, pci_placement
 from thinvisor.host.engine.paths import SUSPEND_STATE_NAME, VmPaths
@@ -45,6 +47,7 @@ from thinvisor.host.state import (
     check_template,
     power_state_of,
 )
+from thinvisor.host.tasks import Progress
 from thinvisor.model.create import NewDiskSpec, NewNicSpec, NicUpdate, VmCreate
 from thinvisor.model.vm import (
     CdromSpec,
@@ -56,6 +59,7 @@ from thinvisor.model.vm import (
     validate,
 )
 from thinvisor.storage.disk import Images
+from thinvisor.storage.snapshots import Snapshot, SnapshotCreate, SnapshotTree
 
 log = logging.getLogger(__name__)
 
@@ -390,6 +394,11 @@ class HostService:
                 check_allowed(name, state, Action.DELETE)
             elif process.running_pid(entry.paths) is not None:
                 check_allowed(name, PowerState.RUNNING, Action.DELETE)
+            if entry.spec is not None:
+                files = {real(p) for p in own_files(entry, entry.spec)}
+                users = await users_of(self, files, exclude=name)
+                if users:
+                    raise Busy(f"vm {name!r} is the base of linked clone {users[0]!r}")
             # Hide it first: a crash mid-delete leaves a hidden directory, not half a VM.
             doomed = entry.paths.vm_dir.with_name(f".{name}{DELETING}{secrets.token_hex(4)}")
             entry.paths.vm_dir.rename(doomed)
@@ -677,9 +686,9 @@ class HostService:
                 if disk.bus != "virtio":
                     raise InvalidArgument("disk", "only virtio disks can be removed while running")
                 async with Monitor(name, entry.paths.qmp_socket) as mon:
+                    chain = await blocks.chain_nodes(mon, disk.name)
                     await mon.device_del(disk.name)
-                    await mon.blockdev_del(f"{disk.name}-fmt")
-                    await mon.blockdev_del(f"{disk.name}-file")
+                    await blocks.delete_own_nodes(mon, disk.name, [n.name for n in chain])
             updated = spec.model_copy(update={"disks": [d for d in spec.disks if d is not disk]})
             save_spec(entry.paths, updated)
             path = entry.paths.resolve(disk.path)
@@ -704,7 +713,7 @@ class HostService:
                 await self.images.resize(path, disk.format, size)
             else:
                 async with Monitor(name, entry.paths.qmp_socket) as mon:
-                    await mon.block_resize(f"{disk.name}-fmt", size)
+                    await mon.block_resize(await blocks.top_node(mon, disk.name), size)
             self.emit(
                 "vm.disk_resized",
                 name,
@@ -740,6 +749,26 @@ class HostService:
             save_spec(entry.paths, spec.model_copy(update={"cdrom": cdrom}))
             self.emit("vm.cdrom_changed", name, "CD-ROM ejected")
         return cdrom
+
+    # Snapshots (the work is in thinvisor.host.snapshots)
+
+    async def list_snapshots(self, name: str) -> SnapshotTree:
+        return await snapshots.list_snapshots(self, name)
+
+    async def take_snapshot(
+        self, name: str, req: SnapshotCreate, progress: Progress | None = None
+    ) -> Snapshot:
+        return await snapshots.take_snapshot(self, name, req, progress)
+
+    async def revert_snapshot(
+        self, name: str, ref: str, progress: Progress | None = None
+    ) -> Snapshot:
+        return await snapshots.revert_snapshot(self, name, ref, progress)
+
+    async def delete_snapshot(
+        self, name: str, ref: str, progress: Progress | None = None
+    ) -> Snapshot:
+        return await snapshots.delete_snapshot(self, name, ref, progress)
 
     # NICs (the work is in thinvisor.host.nics)
 
