@@ -14,7 +14,7 @@ import secrets
 import shutil
 import signal
 import tempfile
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,7 @@ from thinvisor.errors import (
     QemuError,
 )
 from thinvisor.fs import fsync_dir
-from thinvisor.host import hostinfo, nics, snapshots
+from thinvisor.host import clones, diskops, hostinfo, nics, snapshots
 from thinvisor.host.chains import own_files, real, users_of
 from thinvisor.host.context import current_user
 from thinvisor.host.engine import blocks, process
@@ -114,6 +114,9 @@ class CreateOptions:
     # Files copied into the VM's directory and referred to by the spec's boot section.
     kernel_source: Path | None = None
     initrd_source: Path | None = None
+    # Fills the new VM's (hidden) directory instead of the above, and returns the spec
+    # as it is to be saved: clones copy or link their source's files this way.
+    build: Callable[[VmPaths, VmSpec], Awaitable[VmSpec]] | None = None
 
 
 class HostService:
@@ -224,7 +227,10 @@ class HostService:
             staging = Path(tempfile.mkdtemp(prefix=f".{spec.name}{CREATING}", dir=datastore.path))
             try:
                 building = VmPaths(staging, final.run_dir)
-                spec = await self._populate(spec, options, building, final)
+                if options.build is not None:
+                    spec = await options.build(building, spec)
+                else:
+                    spec = await self._populate(spec, options, building, final)
                 spec = spec.with_pci_slots()
                 self._check_paths(spec, building)
                 save_spec(building, spec)
@@ -769,6 +775,37 @@ class HostService:
         self, name: str, ref: str, progress: Progress | None = None
     ) -> Snapshot:
         return await snapshots.delete_snapshot(self, name, ref, progress)
+
+    # Moving disks and their provisioning (the work is in thinvisor.host.diskops)
+
+    async def move_disk(
+        self, name: str, disk_name: str, datastore: str, progress: Progress | None = None
+    ) -> DiskSpec:
+        return await diskops.move_disk(self, name, disk_name, datastore, progress)
+
+    async def set_provisioning(
+        self,
+        name: str,
+        disk_name: str,
+        provisioning: diskops.Provisioning,
+        progress: Progress | None = None,
+    ) -> DiskSpec:
+        return await diskops.set_provisioning(self, name, disk_name, provisioning, progress)
+
+    # Clones and templates (the work is in thinvisor.host.clones)
+
+    async def clone_vm(
+        self, source: str, req: clones.CloneRequest, progress: Progress | None = None
+    ) -> VmInfo:
+        return await clones.clone_vm(self, source, req, progress)
+
+    async def deploy(
+        self, template: str, req: clones.CloneRequest, progress: Progress | None = None
+    ) -> VmInfo:
+        return await clones.deploy(self, template, req, progress)
+
+    async def set_template(self, name: str, template: bool) -> VmInfo:
+        return await clones.set_template(self, name, template)
 
     # NICs (the work is in thinvisor.host.nics)
 
