@@ -32,7 +32,11 @@ REQUIRED_MODULES = (
 )  # fmt: skip
 # Loaded when the kernel has them as modules: AHCI (q35's CD-ROM), the virtio console,
 # ISO 9660 for CD-ROMs, and PCI hotplug (built in on Debian's cloud kernel).
-OPTIONAL_MODULES = ("ahci", "virtio_console", "isofs", "pciehp", "acpiphp")
+OPTIONAL_MODULES = (
+    "ahci", "virtio_console", "isofs", "pciehp", "acpiphp",
+    # A NoCloud seed may also be a FAT filesystem labelled cidata.
+    "vfat", "nls_cp437", "nls_iso8859_1",
+)  # fmt: skip
 # Drivers that cannot be modules do not appear in modules.builtin; ask the config.
 _CONFIG_SYMBOLS = {
     "pciehp": "CONFIG_HOTPLUG_PCI_PCIE",

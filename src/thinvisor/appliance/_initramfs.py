@@ -18,6 +18,8 @@ APPLETS = (
     # init, the power button handler, the DHCP hook
     "sh", "mount", "umount", "mkdir", "insmod", "hostname", "ip", "udhcpc", "acpid",
     "setsid", "cttyhack", "sleep", "sync", "poweroff", "cut", "sed", "grep",
+    # init reading a NoCloud seed (with awk, cat, chmod, cp, head, printf, tr, uniq below)
+    "findfs",
     # the interactive shell
     "[", "[[", "awk", "basename", "blockdev", "cat", "chmod", "chown", "cmp", "cp", "date",
     "dd", "df", "dirname", "dmesg", "du", "echo", "env", "expr", "false", "fdisk", "find",
@@ -28,7 +30,7 @@ APPLETS = (
     "ps", "pwd", "readlink", "realpath", "reboot", "rm", "rmdir", "rmmod", "route",
     "sha256sum", "sort", "stat", "stty", "swapoff", "swapon", "sysctl", "tail", "tar", "tee",
     "test", "timeout", "top", "touch", "tr", "true", "truncate", "tty", "uname", "uniq",
-    "uptime", "vi", "watch", "wc", "wget", "which", "xargs", "xxd", "yes", "zcat",
+    "uptime", "vi", "watch", "wc", "wget", "which", "xargs", "xxd", "yes", "zcat", "seq",
 )  # fmt: skip
 
 # Package data files: (name in files/, path in the initramfs, permissions)
