@@ -16,6 +16,7 @@ from pathlib import Path
 from thinvisor.auth import LoginThrottle, User, UserStore
 from thinvisor.config import HostConfig
 from thinvisor.errors import ThinvisorError, TooManyAttempts, Unauthenticated
+from thinvisor.host import snapshots
 from thinvisor.host.engine import process
 from thinvisor.host.events import EventLog
 from thinvisor.host.service import HostService
@@ -83,6 +84,11 @@ class HostAgent:
             await self.service.network.reconcile()
         except ThinvisorError as exc:
             self.events.emit("network.reconcile_failed", f"network reconciliation failed: {exc}")
+        # Snapshot operations a crash interrupted are settled before anyone asks.
+        for name in await snapshots.repair_all(self.service):
+            self.events.emit(
+                "vm.snapshot_repair_failed", "snapshot repair failed", object=f"vm/{name}"
+            )
         self._background.append(asyncio.create_task(self._watch(), name="vm-watcher"))
         if autostart:
             self._background.append(asyncio.create_task(self.autostart(), name="autostart"))
@@ -117,7 +123,11 @@ class HostAgent:
         return started
 
     def autostart_order(self) -> list[str]:
-        entries = [e for e in self.service.inventory.entries() if e.spec and e.spec.autostart]
+        entries = [
+            e
+            for e in self.service.inventory.entries()
+            if e.spec and e.spec.autostart and not e.spec.template
+        ]
         entries.sort(key=lambda e: (e.spec.autostart_order if e.spec else 0, e.name))
         return [e.name for e in entries]
 

@@ -29,7 +29,7 @@ from thinvisor.errors import (
     QemuError,
 )
 from thinvisor.fs import fsync_dir
-from thinvisor.host import clones, diskops, hostinfo, nics, snapshots
+from thinvisor.host import clones, diskops, hostinfo, nics, ovf_io, snapshots
 from thinvisor.host.chains import own_files, real, users_of
 from thinvisor.host.context import current_user
 from thinvisor.host.engine import blocks, process
@@ -791,6 +791,24 @@ class HostService:
         progress: Progress | None = None,
     ) -> DiskSpec:
         return await diskops.set_provisioning(self, name, disk_name, provisioning, progress)
+
+    # OVF / OVA exchange (the work is in thinvisor.host.ovf_io)
+
+    async def export_ova(self, name: str, dest: Path, progress: Progress | None = None) -> Path:
+        return await ovf_io.export_ova(self, name, dest, progress)
+
+    async def import_ovf(
+        self,
+        source: Path,
+        *,
+        name: str | None = None,
+        datastore: str | None = None,
+        network: str = "user",
+        progress: Progress | None = None,
+    ) -> VmInfo:
+        return await ovf_io.import_ovf(
+            self, source, name=name, datastore=datastore, network=network, progress=progress
+        )
 
     # Clones and templates (the work is in thinvisor.host.clones)
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from thinvisor.errors import Busy, QemuError
+from thinvisor.errors import Busy, QemuError, ThinvisorError
 from thinvisor.fs import atomic_write, fsync_dir
 from thinvisor.host.chains import real, users_of
 from thinvisor.host.engine import blocks, process
@@ -196,6 +196,23 @@ def _remove_orphans(paths: VmPaths, spec: VmSpec, tree: SnapshotTree) -> None:
                 shutil.rmtree(d, ignore_errors=True)
 
 
+async def repair_all(service: HostService) -> list[str]:
+    """Repair every VM that has snapshots (the agent does this as it starts); return
+    the names of the VMs whose repair failed, each reported in the log."""
+    failed = []
+    for entry in service.inventory.entries():
+        if entry.spec is None or not snapshots_dir(entry.paths.vm_dir).is_dir():
+            continue
+        try:
+            async with service.inventory.lock(entry.name):
+                state, _, _ = await service.state_of(entry)
+                await repair(service, entry, entry.spec, state)
+        except ThinvisorError as exc:
+            log.warning("vm %s: snapshot repair failed: %s", entry.name, exc)
+            failed.append(entry.name)
+    return failed
+
+
 # --- Listing --------------------------------------------------------------------------
 
 
@@ -247,35 +264,48 @@ async def take_snapshot(
     """Snapshot the VM's disks (and, running, its memory when ``req.memory``)."""
     async with service.inventory.lock(name):
         entry, spec, state = await service._locked_state(name, Action.SNAPSHOT)
-        tree = await repair(service, entry, spec, state)
-        tree.check_name(req.name, tree.current)
-        snap = Snapshot(
-            id=tree.next_id,
-            name=req.name,
-            description=req.description,
-            created=iso_time(time.time()),
-            parent=tree.current,
-            power_state=state.value,
-            disks={d.name: d.path for d in spec.disks if not d.readonly},
-        )
-        taking = _Taking(entry, spec, tree, snap, {}, state in LIVE, state is PowerState.RUNNING)
-        try:
-            await _prepare(service, taking)
-            if taking.live:
-                await _switch_live(taking)
-            taking.committed = True
-        except BaseException:
-            await _undo(taking)
-            raise
+        return await take_locked(service, entry, spec, state, req, progress)
+
+
+async def take_locked(
+    service: HostService,
+    entry: VmEntry,
+    spec: VmSpec,
+    state: PowerState,
+    req: SnapshotCreate,
+    progress: Progress | None = None,
+) -> Snapshot:
+    """``take_snapshot`` for a caller that holds the VM's lock and checked its state."""
+    name = entry.name
+    tree = await repair(service, entry, spec, state)
+    tree.check_name(req.name, tree.current)
+    snap = Snapshot(
+        id=tree.next_id,
+        name=req.name,
+        description=req.description,
+        created=iso_time(time.time()),
+        parent=tree.current,
+        power_state=state.value,
+        disks={d.name: d.path for d in spec.disks if not d.readonly},
+    )
+    taking = _Taking(entry, spec, tree, snap, {}, state in LIVE, state is PowerState.RUNNING)
+    try:
+        await _prepare(service, taking)
         if taking.live:
-            await _finish_live(taking, req.memory, progress)
-        service.emit(
-            "vm.snapshot_taken",
-            name,
-            f"snapshot {snap.name!r} taken" + (" with memory" if snap.memory else ""),
-            snapshot=snap.id,
-        )
-        return snap
+            await _switch_live(taking)
+        taking.committed = True
+    except BaseException:
+        await _undo(taking)
+        raise
+    if taking.live:
+        await _finish_live(taking, req.memory, progress)
+    service.emit(
+        "vm.snapshot_taken",
+        name,
+        f"snapshot {snap.name!r} taken" + (" with memory" if snap.memory else ""),
+        snapshot=snap.id,
+    )
+    return snap
 
 
 async def _prepare(service: HostService, t: _Taking) -> None:

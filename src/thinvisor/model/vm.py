@@ -49,7 +49,7 @@ def check_name(value: str, field: str = "name") -> str:
         raise ValueError(f"must be at most {NAME_MAX} characters")
     if "/" in value or ".." in value:
         raise ValueError("must not contain '/' or '..'")
-    if not _NAME_RE.match(value):
+    if not _NAME_RE.fullmatch(value):
         raise ValueError(
             "may contain only letters, digits, '.', '_' and '-', starting with a letter or digit"
         )
@@ -63,7 +63,7 @@ class StrictModel(BaseModel):
 
 
 def _device_name(value: str) -> str:
-    if not _DEVICE_NAME_RE.match(value):
+    if not _DEVICE_NAME_RE.fullmatch(value):
         raise ValueError("must be a lower-case letter followed by up to 15 letters or digits")
     return value
 
@@ -174,7 +174,7 @@ class NicSpec(StrictModel):
     @classmethod
     def _mac(cls, value: str) -> str:
         value = value.lower()
-        if not _MAC_RE.match(value):
+        if not _MAC_RE.fullmatch(value):
             raise ValueError("must be six hex octets separated by ':'")
         if int(value[:2], 16) & 1:
             raise ValueError("must be a unicast address")

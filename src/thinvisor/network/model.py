@@ -27,7 +27,7 @@ _IFNAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,14}$")
 
 def check_ifname(value: str) -> str:
     """Validate a Linux interface name; raise ``ValueError`` with the reason."""
-    if not _IFNAME_RE.match(value):
+    if not _IFNAME_RE.fullmatch(value):
         raise ValueError(
             f"must be 1 to {IFNAMSIZ} letters, digits, '.', '_' or '-', "
             "starting with a letter or digit"

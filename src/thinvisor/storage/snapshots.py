@@ -33,8 +33,9 @@ SPEC_NAME = "vm.toml"
 MEMORY_NAME = "memory.state"
 NAME_MAX = 80
 DESCRIPTION_MAX = 4096
-# Overlays thinvisor makes are named as ESXi names its delta disks: <disk>-000001.qcow2.
-OVERLAY_RE = re.compile(r"^[a-z][a-z0-9]{0,15}-\d{6}\.qcow2$")
+# Images thinvisor makes for a disk (overlays, moved or rewritten copies) are named as
+# ESXi names its delta disks: <disk>-000001.qcow2.
+OVERLAY_RE = re.compile(r"^[a-z][a-z0-9]{0,15}-\d{6}\.(qcow2|raw)$")
 
 SnapshotPowerState = Literal["stopped", "running", "paused"]
 

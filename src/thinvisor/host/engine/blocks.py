@@ -24,6 +24,7 @@ from thinvisor.errors import QemuError
 from thinvisor.host.engine.qmp import Monitor
 
 JOB_POLL_S = 0.1
+JobReport = Callable[[int, int], None]  # bytes done, bytes in all
 PERIPHERAL = "/machine/peripheral/"
 # Node names thinvisor gives; every other node is QEMU's (a backing file it opened).
 OWN_SUFFIXES = ("-file", "-fmt")
@@ -93,7 +94,7 @@ async def run_job(
     vm: str,
     socket: Path,
     job_id: str,
-    progress: Callable[[int, int], None] | None = None,
+    progress: JobReport | None = None,
     *,
     on_ready: Callable[[], Any] | None = None,
 ) -> None:
