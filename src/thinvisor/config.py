@@ -2,6 +2,13 @@
 
 ``THINVISOR_CONFIG`` (or the CLI's ``--config``) names another file. A missing default
 file means the defaults below, so a fresh host works with no configuration at all.
+
+Datastores come from two places: host.toml's ``[[datastores]]`` (``HostConfig.datastores``,
+fixed while the agent runs) and those added at runtime, kept in
+``<state_dir>/datastores.toml`` (see ``thinvisor.storage.registry``). ``all_datastores()``
+is both, host.toml's first; ``datastore(name)`` looks a name up in both. The added ones
+are read from their file on every call, so every process of the host (the agent, a local
+CLI command) sees a datastore as soon as it was added.
 """
 
 from __future__ import annotations
@@ -18,6 +25,8 @@ from thinvisor.model.vm import StrictModel, check_name, invalid_argument
 
 DEFAULT_CONFIG = Path("/etc/thinvisor/host.toml")
 CONFIG_ENV = "THINVISOR_CONFIG"
+# The datastores added at runtime, in the state directory.
+ADDED_DATASTORES = "datastores.toml"
 
 Accel = Literal["auto", "kvm", "tcg"]
 
@@ -37,6 +46,26 @@ class DatastoreConfig(StrictModel):
         if not value.is_absolute():
             raise ValueError("must be an absolute path")
         return value
+
+
+class AddedDatastores(StrictModel):
+    """What ``<state_dir>/datastores.toml`` holds: the datastores added at runtime."""
+
+    datastores: list[DatastoreConfig] = Field(default_factory=list)
+
+
+def load_added_datastores(path: Path) -> list[DatastoreConfig]:
+    """The datastores recorded in ``path``; none when it does not exist yet."""
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        return []
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise InvalidConfig(f"{path}: {exc}") from exc
+    try:
+        return AddedDatastores.model_validate(data).datastores
+    except ValidationError as exc:
+        raise InvalidConfig(f"{path}: {invalid_argument(exc)}") from None
 
 
 def _default_datastores() -> list[DatastoreConfig]:
@@ -105,10 +134,25 @@ class HostConfig(StrictModel):
     def default_datastore(self) -> DatastoreConfig:
         return self.datastores[0]
 
+    @property
+    def added_datastores_file(self) -> Path:
+        return self.state_dir / ADDED_DATASTORES
+
+    def added_datastores(self) -> list[DatastoreConfig]:
+        """The datastores added at runtime (read from their file now), less any whose
+        name host.toml has taken since."""
+        taken = {d.name for d in self.datastores}
+        return [d for d in load_added_datastores(self.added_datastores_file) if d.name not in taken]
+
+    def all_datastores(self) -> list[DatastoreConfig]:
+        """host.toml's datastores, then the added ones."""
+        return [*self.datastores, *self.added_datastores()]
+
     def datastore(self, name: str | None) -> DatastoreConfig:
+        """A datastore of either kind by name; the default one (host.toml's first) for None."""
         if name is None:
             return self.default_datastore
-        for ds in self.datastores:
+        for ds in self.all_datastores():
             if ds.name == name:
                 return ds
         raise NotFound(f"datastore {name!r} does not exist")

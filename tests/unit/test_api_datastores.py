@@ -1,4 +1,5 @@
-"""``/api/v1/datastores`` through FastAPI's TestClient: browse, download, upload, delete."""
+"""``/api/v1/datastores`` through FastAPI's TestClient: browse, download, upload, delete;
+add and remove datastores; ``/api/v1/vms/{vm}/storage``."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pytest
 from argon2 import PasswordHasher
 from starlette.exceptions import StarletteDeprecationWarning
 
+from thinvisor.api import storage
 from thinvisor.api.app import create_app
 from thinvisor.auth import Role, UserStore
 from thinvisor.config import ApiConfig, DatastoreConfig, HostConfig
@@ -245,3 +247,93 @@ def test_openapi_declares_the_routes(client: TestClient) -> None:
     assert set(content) == {"application/json", "application/octet-stream"}
     assert "application/octet-stream" in files["put"]["requestBody"]["content"]
     assert files["put"]["responses"]["201"]["content"]["application/json"]["schema"]
+
+
+# Adding and removing datastores; space per VM
+
+
+def test_add_and_remove_a_datastore(client: TestClient, agent: HostAgent, tmp_path: Path) -> None:
+    nfs = tmp_path / "nfs"
+    nfs.mkdir()
+    response = client.post(API, json={"name": "nfs", "path": str(nfs)})
+    assert response.status_code == 201, response.text
+    added = response.json()
+    assert response.headers["location"] == f"{API}/nfs"
+    assert (added["name"], added["path"], added["origin"]) == ("nfs", str(nfs), "added")
+    assert added["accessible"] and added["filesystem"] and added["shared"] is False
+    assert (added["provisioned_bytes"], added["vm_used_bytes"], added["vms"]) == (0, 0, [])
+    assert [d["name"] for d in client.get(API).json()] == ["local", "empty", "nfs"]
+    assert client.get(f"{API}/nfs").json()["origin"] == "added"
+    # Its files can be browsed and uploaded to like any datastore's.
+    assert client.put(f"{API}/nfs/files/iso/a.iso", content=b"iso").status_code == 201
+    assert client.get(f"{API}/nfs/files/iso").json()["entries"][0]["name"] == "a.iso"
+
+    assert client.delete(f"{API}/nfs").status_code == 204
+    assert_error(client.get(f"{API}/nfs"), 404)
+    assert_error(client.delete(f"{API}/nfs"), 404)
+    assert (nfs / "iso" / "a.iso").read_bytes() == b"iso"  # removing deletes no file
+    events = agent.events.list(kind_prefix="datastore.")
+    assert [(e.kind, e.object, e.user) for e in events if e.kind != "datastore.file_uploaded"] == [
+        ("datastore.added", "datastore/nfs", "admin"),
+        ("datastore.removed", "datastore/nfs", "admin"),
+    ]
+
+
+def test_add_refusals_over_the_api(client: TestClient, local: Path, tmp_path: Path) -> None:
+    (tmp_path / "nfs").mkdir()
+    cases = [
+        ({"name": "local", "path": str(tmp_path / "nfs")}, 409, "already exists"),
+        ({"name": "x", "path": "relative"}, 400, "path: must be an absolute path"),
+        ({"name": "x", "path": str(tmp_path / "none")}, 400, "does not exist"),
+        ({"name": "x", "path": str(local / "iso")}, 400, "lies inside datastore 'local'"),
+        ({"name": "x", "path": str(tmp_path)}, 400, "contains datastore 'local'"),
+        ({"name": "a b", "path": str(tmp_path / "nfs")}, 400, "name: "),
+    ]
+    for body, status, message in cases:
+        response = client.post(API, json=body)
+        assert_error(response, status)
+        assert message in response.json()["message"]
+    assert_error(client.post(API, json={"name": "x"}), (400, 422))
+    assert [d["name"] for d in client.get(API).json()] == ["local", "empty"]
+
+
+def test_removal_is_refused_while_a_vm_is_there(client: TestClient, tmp_path: Path) -> None:
+    nfs = tmp_path / "nfs"
+    (nfs / "vm2").mkdir(parents=True)
+    (nfs / "vm2" / "vm.toml").write_text('name = "vm2"\n')
+    assert client.post(API, json={"name": "nfs", "path": str(nfs)}).status_code == 201
+    listed = client.get(f"{API}/nfs").json()
+    assert [v["name"] for v in listed["vms"]] == ["vm2"]
+    assert listed["vms"][0]["used_bytes"] > 0
+    response = client.delete(f"{API}/nfs")
+    assert_error(response, 409)
+    assert response.json()["error"] == "busy"
+    assert "vm 'vm2'" in response.json()["message"]
+    local_removal = client.delete(f"{API}/local")
+    assert_error(local_removal, 400)
+    assert "defined in host.toml" in local_removal.json()["message"]
+    (nfs / "vm2" / "vm.toml").unlink()
+    assert client.delete(f"{API}/nfs").status_code == 204
+
+
+def test_add_and_remove_need_configure(client: TestClient, tmp_path: Path) -> None:
+    (tmp_path / "nfs").mkdir()
+    body = {"name": "nfs", "path": str(tmp_path / "nfs")}
+    assert_error(client.post(API, json=body, auth=READER), 403)
+    assert client.post(API, json=body).status_code == 201
+    assert_error(client.delete(f"{API}/nfs", auth=READER), 403)
+    assert client.get(f"{API}/nfs", auth=READER).status_code == 200
+
+
+def test_vm_storage_route(agent: HostAgent) -> None:
+    app = create_app(agent, start_agent=False)
+    if not any(getattr(r, "path", "") == "/api/v1/vms/{vm}/storage" for r in app.routes):
+        app.include_router(storage.router, prefix="/api/v1")
+    with TestClient(app) as client:
+        response = client.get("/api/v1/vms/vm1/storage", auth=READER)
+        assert response.status_code == 200, response.text
+        found = response.json()
+        assert (found["name"], found["datastore"], found["disks"]) == ("vm1", "local", [])
+        assert (found["provisioned_bytes"], found["used_bytes"] > 0) == (0, True)
+        assert_error(client.get("/api/v1/vms/none/storage", auth=READER), 404)
+        assert_error(client.get("/api/v1/vms/vm1/storage"), 401)

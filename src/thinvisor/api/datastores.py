@@ -1,4 +1,5 @@
-"""``/datastores``: space, browsing, downloads and uploads. Routes parse, authorise, translate.
+"""``/datastores``: adding and removing, space, browsing, downloads and uploads. Routes
+parse, authorise, translate.
 
 Uploads are the raw request body (``PUT``, not multipart), streamed to disk; while one
 runs it is a task, so that other clients can follow its progress.
@@ -22,7 +23,9 @@ from thinvisor.api.errors import ERROR_RESPONSES
 from thinvisor.auth import Permission, User
 from thinvisor.errors import InsufficientResources, InvalidArgument
 from thinvisor.host.agent import HostAgent
+from thinvisor.host.datastores import DatastoreService
 from thinvisor.host.tasks import Progress, Task
+from thinvisor.model.vm import StrictModel
 from thinvisor.storage import datastore as storage
 from thinvisor.storage.datastore import Datastore, FileEntry, TooLarge
 
@@ -30,6 +33,13 @@ router = APIRouter(prefix="/datastores", tags=["datastores"], responses=ERROR_RE
 
 Reader = Annotated[User, Depends(require(Permission.READ))]
 Configurer = Annotated[User, Depends(require(Permission.CONFIGURE))]
+
+
+class DatastoreAdd(StrictModel):
+    """An existing directory to use as a datastore (a mounted NFS or CIFS share too)."""
+
+    name: str = Field(description="letters, digits, '.', '_' and '-', as a VM's name")
+    path: str = Field(description="an absolute path to a directory the agent can write")
 
 
 class DirListing(BaseModel):
@@ -125,17 +135,39 @@ async def _tracked_upload(
     return entry, task
 
 
+def _datastores(request: Request) -> DatastoreService:
+    return agent_of(request).service.datastores
+
+
 @router.get("", response_model=list[Datastore])
 async def list_datastores(request: Request, user: Reader) -> list[Datastore]:
-    """Every datastore with its capacity, free space, and the space its VMs use."""
-    configs = agent_of(request).config.datastores
-    return [await asyncio.to_thread(storage.datastore_info, d.name, d.path) for d in configs]
+    """Every datastore with its capacity, free space, filesystem, and the space its VMs
+    take (provisioned and used, in all and per VM)."""
+    return await _datastores(request).list_datastores()
+
+
+@router.post("", status_code=201, response_model=Datastore)
+async def add_datastore(
+    body: DatastoreAdd, request: Request, response: Response, user: Configurer
+) -> Datastore:
+    """Add an existing directory as a datastore: absolute, writable by the agent, and
+    neither inside nor containing another datastore. Kept across agent restarts."""
+    info = await _datastores(request).add_datastore(body.name, body.path)
+    response.headers["Location"] = f"/api/v1/datastores/{quote(info.name)}"
+    return info
 
 
 @router.get("/{ds}", response_model=Datastore)
 async def get_datastore(ds: str, request: Request, user: Reader) -> Datastore:
-    config = agent_of(request).config.datastore(ds)
-    return await asyncio.to_thread(storage.datastore_info, config.name, config.path)
+    return await _datastores(request).get_datastore(ds)
+
+
+@router.delete("/{ds}", status_code=204, response_class=Response)
+async def remove_datastore(ds: str, request: Request, user: Configurer) -> Response:
+    """Remove an added datastore (not one of host.toml's), refused while a VM uses it.
+    Its files are not deleted."""
+    await _datastores(request).remove_datastore(ds)
+    return Response(status_code=204)
 
 
 async def _browse(request: Request, ds: str, path: str) -> DirListing | FileResponse:

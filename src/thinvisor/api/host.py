@@ -105,7 +105,7 @@ async def host_info(
         accelerator=Accelerator(name=accel.name, reason=accel.reason),
         thinvisor_version=__version__,
         qemu_version=version,
-        datastores=[_datastore(d.name, str(d.path)) for d in agent.config.datastores],
+        datastores=[_datastore(d.name, str(d.path)) for d in agent.config.all_datastores()],
         tls_fingerprint=agent.tls_fingerprint,
         vms=states,
     )

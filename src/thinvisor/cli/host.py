@@ -56,7 +56,7 @@ def info(json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] =
         "accelerator": {"name": accel.name, "reason": accel.reason},
         "thinvisor_version": __version__,
         "qemu_version": qemu_version(config.qemu_binary),
-        "datastores": [{"name": d.name, "path": str(d.path)} for d in config.datastores],
+        "datastores": [{"name": d.name, "path": str(d.path)} for d in config.all_datastores()],
         "tls_fingerprint": common.guard(lambda: fingerprint(cert)) if cert.exists() else None,
     }
     if json_out:
@@ -70,7 +70,7 @@ def info(json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] =
     table.add_row("memory", f"{facts.memory_available_mib} MiB free of {facts.memory_total_mib}")
     table.add_row("accelerator", f"{accel.name} ({accel.reason})")
     table.add_row("versions", f"thinvisor {__version__}, QEMU {data['qemu_version']}")
-    for d in config.datastores:
+    for d in config.all_datastores():
         table.add_row(f"datastore {d.name}", str(d.path))
     table.add_row("TLS fingerprint", str(data["tls_fingerprint"] or "(no certificate yet)"))
     out.print(table)

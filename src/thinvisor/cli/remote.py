@@ -18,13 +18,14 @@ import re
 import selectors
 import socket
 import ssl
+import sys
 import termios
 import threading
 import time
 import tty
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO, Protocol
 from urllib.parse import quote
 
@@ -60,10 +61,15 @@ from thinvisor.errors import (
     Unauthenticated,
 )
 from thinvisor.fs import atomic_write
+from thinvisor.host.clones import CloneRequest
+from thinvisor.host.datastores import download_target, file_chunks, local_source
 from thinvisor.host.service import vm_info_dict
+from thinvisor.host.storage_usage import VmStorage
 from thinvisor.model.create import NewDiskSpec, NewNicSpec, NicUpdate, VmCreate
 from thinvisor.model.vm import CdromSpec, DiskSpec, NicSpec, VmSpec, VmUpdate
 from thinvisor.network.model import PortGroupSpec, SwitchSpec
+from thinvisor.storage.datastore import Datastore, FileEntry, write_stream
+from thinvisor.storage.snapshots import Snapshot, SnapshotCreate, SnapshotTree
 from thinvisor.tls import fingerprint_der
 
 API = "/api/v1"
@@ -380,6 +386,7 @@ class RemoteHost:
             trust_env=False,
         )
         self.network = RemoteNetwork(self)
+        self.datastores = RemoteDatastores(self)
 
     async def __aenter__(self) -> RemoteHost:
         return self
@@ -519,7 +526,7 @@ class RemoteHost:
     async def resize_disk(self, name: str, disk_name: str, size: int) -> DiskSpec:
         path = _vm_path(name, "disks", disk_name, "resize")
         response = await self.call("POST", path, body={"size": size})
-        return DiskSpec.model_validate(response.json())
+        return DiskSpec.model_validate(await self.result(response, f"{name}: grow {disk_name}"))
 
     async def insert_cdrom(self, name: str, iso: Path) -> CdromSpec:
         response = await self.call("PUT", _vm_path(name, "cdrom"), body={"path": str(iso)})
@@ -547,11 +554,88 @@ class RemoteHost:
         response = await self.call("PATCH", _vm_path(name, "nics", nic_name), body=body)
         return NicSpec.model_validate(response.json())
 
+    # Snapshots, clones, templates, OVA, disk moves (``/vms/...``, see api/snapshots.py)
+
+    async def list_snapshots(self, name: str) -> SnapshotTree:
+        return snapshot_tree((await self.call("GET", _vm_path(name, "snapshots"))).json())
+
+    async def take_snapshot(self, name: str, req: SnapshotCreate) -> Snapshot:
+        body = req.model_dump(mode="json")
+        response = await self.call("POST", _vm_path(name, "snapshots"), body=body)
+        return _snapshot(await self.result(response, f"{name}: snapshot {req.name}"))
+
+    async def revert_snapshot(self, name: str, ref: str) -> Snapshot:
+        tree = await self.list_snapshots(name)
+        snap = tree.find(name, ref)
+        path = _vm_path(name, "snapshots", str(snap.id), "revert")
+        await self.result(await self.call("POST", path), f"{name}: revert to {snap.name}")
+        return snap
+
+    async def delete_snapshot(self, name: str, ref: str) -> Snapshot:
+        path = _vm_path(name, "snapshots", ref)
+        response = await self.call("DELETE", path)
+        return _snapshot(await self.result(response, f"{name}: delete snapshot {ref}"))
+
+    async def clone_vm(self, source: str, req: CloneRequest) -> RemoteVmInfo:
+        body = req.model_dump(mode="json", exclude_none=True)
+        return await self._vm("POST", _vm_path(source, "clone"), f"clone {source}", body=body)
+
+    async def deploy(self, template: str, req: CloneRequest) -> RemoteVmInfo:
+        body = req.model_dump(mode="json", exclude_none=True)
+        return await self._vm("POST", _vm_path(template, "deploy"), f"deploy {template}", body=body)
+
+    async def set_template(self, name: str, template: bool) -> RemoteVmInfo:
+        response = await self.call("PUT", _vm_path(name, "template"), body={"template": template})
+        return RemoteVmInfo.from_api(response.json())
+
+    async def move_disk(self, name: str, disk: str, datastore: str) -> DiskSpec:
+        path = _vm_path(name, "disks", disk, "move")
+        response = await self.call("POST", path, body={"datastore": datastore})
+        return DiskSpec.model_validate(await self.result(response, f"{name}: move {disk}"))
+
+    async def set_provisioning(self, name: str, disk: str, provisioning: str) -> DiskSpec:
+        path = _vm_path(name, "disks", disk, "provisioning")
+        response = await self.call("POST", path, body={"provisioning": provisioning})
+        what = f"{name}: {disk} {provisioning}"
+        return DiskSpec.model_validate(await self.result(response, what))
+
+    async def export_ova(self, name: str, datastore: str, path: str) -> dict[str, Any]:
+        body = {"datastore": datastore, "path": path}
+        response = await self.call("POST", _vm_path(name, "export"), body=body)
+        result: dict[str, Any] = await self.result(response, f"{name}: export")
+        return result
+
+    async def import_ovf(
+        self,
+        datastore: str,
+        path: str,
+        *,
+        name: str | None = None,
+        target: str | None = None,
+        network: str = "user",
+    ) -> RemoteVmInfo:
+        body: dict[str, Any] = {"datastore": datastore, "path": path, "network": network}
+        if name is not None:
+            body["name"] = name
+        if target is not None:
+            body["target_datastore"] = target
+        return await self._vm("POST", "/vms/import", f"import {path}", body=body)
+
     async def log_in(self, user: str, password: str, label: str) -> dict[str, Any]:
         """Trade a password for a token: ``{token, user, role}``."""
         body = {"user": user, "password": password, "label": label}
         answer: dict[str, Any] = (await self.call("POST", "/auth/login", body=body)).json()
         return answer
+
+
+def _snapshot(data: dict[str, Any]) -> Snapshot:
+    """A snapshot from the API's answer (which adds its place in the tree)."""
+    return Snapshot.model_validate({k: v for k, v in data.items() if k in Snapshot.model_fields})
+
+
+def snapshot_tree(data: dict[str, Any]) -> SnapshotTree:
+    snapshots = [_snapshot(s) for s in data["snapshots"]]
+    return SnapshotTree(current=data.get("current"), snapshots=snapshots)
 
 
 def _vm_path(name: str, *parts: str) -> str:
@@ -744,3 +828,135 @@ def _send_input(
                         conn.send(head)
                     return
                 conn.send(data)
+
+
+# --- Datastores -----------------------------------------------------------------------
+
+
+class RemoteDatastores:
+    """A host agent's datastores over REST: the methods of ``DatastoreService`` that the
+    CLI calls (``RemoteHost.datastores``). Files stream both ways, never whole in memory."""
+
+    def __init__(self, host: RemoteHost) -> None:
+        self._host = host
+
+    async def list_datastores(self) -> list[Datastore]:
+        response = await self._host.call("GET", "/datastores")
+        return [Datastore.model_validate(d) for d in response.json()]
+
+    async def get_datastore(self, name: str) -> Datastore:
+        response = await self._host.call("GET", _datastore_path(name))
+        return Datastore.model_validate(response.json())
+
+    async def add_datastore(self, name: str, path: str | Path) -> Datastore:
+        body = {"name": name, "path": str(path)}
+        response = await self._host.call("POST", "/datastores", body=body)
+        return Datastore.model_validate(response.json())
+
+    async def remove_datastore(self, name: str) -> None:
+        await self._host.call("DELETE", _datastore_path(name))
+
+    async def vm_storage(self, name: str) -> VmStorage:
+        response = await self._host.call("GET", _vm_path(name, "storage"))
+        return VmStorage.model_validate(response.json())
+
+    @contextlib.asynccontextmanager
+    async def _stream(self, path: str) -> AsyncIterator[httpx.Response]:
+        """A GET whose body is read as it comes; error answers become thinvisor errors."""
+        host = self._host
+        try:
+            async with host._client.stream("GET", path) as response:
+                if response.status_code >= 400:
+                    await response.aread()
+                    raise _answer_error(host, response)
+                yield response
+        except httpx.TransportError as exc:
+            raise host._transport_error(exc) from exc
+
+    async def list_dir(self, ds: str, path: str = "") -> list[FileEntry]:
+        """A directory's entries; for a file, its own entry (its content is not fetched)."""
+        async with self._stream(_files_path(ds, path)) as response:
+            if _is_listing(response):
+                await response.aread()
+                return [FileEntry.model_validate(e) for e in response.json()["entries"]]
+        parent, _, name = path.strip("/").rpartition("/")
+        found = [e for e in await self.list_dir(ds, parent) if e.name == name]
+        if not found:
+            raise NotFound(f"{path} does not exist")
+        return found
+
+    async def make_dir(self, ds: str, path: str) -> FileEntry:
+        response = await self._host.call("POST", _datastore_path(ds, "dirs", path))
+        return FileEntry.model_validate(response.json())
+
+    async def delete(self, ds: str, path: str) -> None:
+        await self._host.call("DELETE", _files_path(ds, path))
+
+    async def upload(
+        self, ds: str, path: str, local: Path, *, overwrite: bool = False
+    ) -> FileEntry:
+        """Stream the local file ``local`` to ``path`` in the datastore."""
+        size = await asyncio.to_thread(local_source, local)
+        headers = {"Content-Length": str(size), "Content-Type": "application/octet-stream"}
+        host = self._host
+        with host._watch(f"upload {local.name}") as watch:
+            try:
+                response = await host._client.put(
+                    _files_path(ds, path),
+                    content=_watched(file_chunks(local), size, watch),
+                    headers=headers,
+                    params={"overwrite": overwrite},
+                )
+            except httpx.TransportError as exc:
+                raise host._transport_error(exc) from exc
+        if response.status_code >= 400:
+            raise _answer_error(host, response)
+        return FileEntry.model_validate(response.json())
+
+    async def download(self, ds: str, path: str, local: Path, *, overwrite: bool = False) -> Path:
+        """Stream a file of the datastore to ``local`` (a file, or a directory to put it
+        in); the local file written."""
+        async with self._stream(_files_path(ds, path)) as response:
+            if _is_listing(response):
+                raise InvalidArgument("path", f"{path or '/'} is a directory")
+            name = PurePosixPath(path).name
+            target = await asyncio.to_thread(download_target, local, name)
+            await write_stream(
+                target, response.aiter_bytes(), max_bytes=sys.maxsize, overwrite=overwrite
+            )
+        return target
+
+
+def _answer_error(host: RemoteHost, response: httpx.Response) -> ThinvisorError:
+    """An error answer as ``RemoteHost.call`` raises it."""
+    error = error_of_response(response)
+    if response.status_code == 401 and host.login.token:
+        message = f"{error}; log in again: thinvisor login {host.login.url}"
+        return RemoteError("unauthorized", message, 401)
+    return error
+
+
+def _datastore_path(name: str, *parts: str) -> str:
+    tail = "".join(f"/{quote(p)}" for p in parts if p)
+    return f"/datastores/{quote(name, safe='')}{tail}"
+
+
+def _files_path(ds: str, path: str) -> str:
+    return _datastore_path(ds, "files", path.strip("/"))
+
+
+def _is_listing(response: httpx.Response) -> bool:
+    """A browse answer: a directory's listing (JSON), not a file's content."""
+    content_type: str = response.headers.get("content-type", "")
+    return content_type.startswith("application/json")
+
+
+async def _watched(
+    chunks: AsyncIterator[bytes], total: int, watch: TaskWatch
+) -> AsyncIterator[bytes]:
+    sent = 0
+    async for chunk in chunks:
+        sent += len(chunk)
+        percent = sent * 100 // total if total else 100
+        watch({"progress": percent, "message": f"{sent} of {total} bytes"})
+        yield chunk

@@ -1,4 +1,5 @@
-"""The host's inventory: the set of VM directories in its datastores.
+"""The host's inventory: the set of VM directories in its datastores (host.toml's and the
+added ones alike).
 
 A directory ``<datastore>/<name>/`` holding a ``vm.toml`` is a registered VM. Hidden
 directories (a VM being created, or being deleted) are not. A ``vm.toml`` that cannot
@@ -83,10 +84,10 @@ class Inventory:
 
     def entries(self) -> list[VmEntry]:
         found: list[VmEntry] = []
-        for ds in self.config.datastores:
+        for ds in self.config.all_datastores():
             try:
                 names = sorted(p.name for p in ds.path.iterdir() if not p.name.startswith("."))
-            except FileNotFoundError:
+            except OSError:  # missing, or a share that does not answer: its VMs are not seen
                 continue
             found += [self._entry(ds, n) for n in names if (ds.path / n / CONFIG_NAME).is_file()]
         return found
@@ -95,7 +96,7 @@ class Inventory:
         """Remove half-created and half-deleted VM directories; call it holding the
         inventory lock, so that no create is under way."""
         removed = []
-        for ds in self.config.datastores:
+        for ds in self.config.all_datastores():
             if not ds.path.is_dir():
                 continue
             for leftover in ds.path.iterdir():
@@ -106,7 +107,7 @@ class Inventory:
         return removed
 
     def find(self, name: str) -> VmEntry | None:
-        for ds in self.config.datastores:
+        for ds in self.config.all_datastores():
             if (ds.path / name / CONFIG_NAME).is_file():
                 return self._entry(ds, name)
         return None
@@ -126,7 +127,7 @@ class Inventory:
     def datastore_of(self, path: Path) -> DatastoreConfig | None:
         """The datastore a path lies in, after resolving symlinks and '..'."""
         real = path.resolve()
-        for ds in self.config.datastores:
+        for ds in self.config.all_datastores():
             if real.is_relative_to(ds.path.resolve()):
                 return ds
         return None

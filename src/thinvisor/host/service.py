@@ -32,6 +32,7 @@ from thinvisor.fs import fsync_dir
 from thinvisor.host import clones, diskops, hostinfo, nics, ovf_io, snapshots
 from thinvisor.host.chains import own_files, real, users_of
 from thinvisor.host.context import current_user
+from thinvisor.host.datastores import DatastoreService
 from thinvisor.host.engine import blocks, process
 from thinvisor.host.engine.accel import AccelChoice, choose_accel
 from thinvisor.host.engine.argv import build_argv, disk_nodes, pci_placement
@@ -139,6 +140,7 @@ class HostService:
         self._accel_fn = accel or (lambda: choose_accel(config.accel))
         self._facts = facts
         self.network = NetworkService(config, self.inventory, emit=self._emit_about)
+        self.datastores = DatastoreService(self, emit=self._emit_about)
 
     def _emit_about(self, kind: str, obj: str, message: str, **data: Any) -> None:
         """Record an event about any object (a switch, a port group) for the current user."""

@@ -10,6 +10,10 @@ listed and cannot be named.
 Uploads stream into a hidden temporary file next to the target and are renamed into
 place once whole and fsynced, so the target is either absent, the old file, or the
 complete new one. File I/O runs in worker threads, never on the event loop.
+
+A datastore may be a mounted shared filesystem (NFS, CIFS, ...): ``mount_of`` finds the
+mount that holds its directory in ``/proc/self/mountinfo``, and ``datastore_space`` says
+its filesystem type and whether that is a network filesystem.
 """
 
 from __future__ import annotations
@@ -18,15 +22,17 @@ import asyncio
 import contextlib
 import errno
 import os
+import re
 import stat
 import tempfile
 import threading
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from thinvisor.errors import (
     CIM_ERR_FAILED,
@@ -48,6 +54,17 @@ NAME_MAX = 255 - 1 - len(UPLOAD_INFIX) - 8
 PATH_MAX = 4096 - 32
 
 FileKind = Literal["file", "dir", "link"]
+DatastoreOrigin = Literal["host.toml", "added"]
+
+MOUNTINFO = Path("/proc/self/mountinfo")
+# Filesystems whose files other hosts can reach too: a datastore on one is shared.
+NETWORK_FILESYSTEMS = frozenset(
+    {
+        "nfs", "nfs4", "cifs", "smb3", "smbfs", "ceph", "glusterfs", "lustre", "gpfs",
+        "ocfs2", "gfs2", "afs", "beegfs", "davfs", "fuse.sshfs", "fuse.glusterfs",
+        "fuse.ceph", "fuse.cephfs", "fuse.davfs2", "fuse.s3fs", "fuse.rclone",
+    }
+)  # fmt: skip
 
 
 class TooLarge(ThinvisorError):
@@ -55,6 +72,19 @@ class TooLarge(ThinvisorError):
 
     http_status = 413
     cim_status = CIM_ERR_FAILED
+
+
+class DatastoreVm(BaseModel):
+    """A VM with files in a datastore, and the space they take there."""
+
+    name: str
+    provisioned_bytes: int = Field(
+        description="the virtual sizes of the VM's disks whose files lie in the datastore"
+    )
+    used_bytes: int = Field(
+        description="bytes allocated to the VM's files in the datastore: its directory, "
+        "and its disks kept elsewhere in the datastore"
+    )
 
 
 class Datastore(BaseModel):
@@ -67,6 +97,74 @@ class Datastore(BaseModel):
     free_bytes: int | None
     # Space the VM directories' files occupy on disk (allocated blocks, not sizes).
     vm_used_bytes: int | None
+    origin: DatastoreOrigin = Field(
+        default="host.toml",
+        description="defined in host.toml, or added at runtime (only those can be removed)",
+    )
+    filesystem: str | None = Field(
+        default=None, description="the type of the filesystem holding it (ext4, nfs4, cifs...)"
+    )
+    mount_source: str | None = Field(
+        default=None, description="what is mounted there: a device, or server:/export"
+    )
+    shared: bool = Field(default=False, description="whether it is on a network filesystem")
+    provisioned_bytes: int | None = Field(
+        default=None,
+        description="the virtual sizes of the VM disks whose files lie in it, each file once",
+    )
+    vms: list[DatastoreVm] = Field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Mount:
+    """One line of ``/proc/self/mountinfo``: where, what type, and what is mounted."""
+
+    mount_point: Path
+    fstype: str
+    source: str
+
+    @property
+    def shared(self) -> bool:
+        return self.fstype in NETWORK_FILESYSTEMS
+
+
+_ESCAPE_RE = re.compile(r"\\([0-7]{3})")
+
+
+def _unescape(field: str) -> str:
+    """mountinfo writes space, tab, newline and backslash as octal escapes."""
+    return _ESCAPE_RE.sub(lambda m: chr(int(m.group(1), 8)), field)
+
+
+def parse_mountinfo(text: str) -> list[Mount]:
+    """The mounts of a ``mountinfo`` file, in its order (a later one may cover an earlier)."""
+    mounts: list[Mount] = []
+    for line in text.splitlines():
+        fields = line.split(" ")
+        # ID, parent, dev, root, mount point, options, optional fields..., "-", type, source
+        if "-" not in fields[6:]:
+            continue
+        sep = fields.index("-", 6)
+        if len(fields) < sep + 3:
+            continue
+        point, fstype, source = fields[4], fields[sep + 1], fields[sep + 2]
+        mounts.append(Mount(Path(_unescape(point)), _unescape(fstype), _unescape(source)))
+    return mounts
+
+
+def mount_of(path: Path, mountinfo: Path = MOUNTINFO) -> Mount | None:
+    """The mount that holds ``path`` (symbolic links followed); None when unknown."""
+    try:
+        text = mountinfo.read_text()
+        real = path.resolve()
+    except (OSError, RuntimeError):
+        return None
+    found: Mount | None = None
+    for mount in parse_mountinfo(text):
+        deeper = found is None or len(mount.mount_point.parts) >= len(found.mount_point.parts)
+        if real.is_relative_to(mount.mount_point) and deeper:
+            found = mount
+    return found
 
 
 class FileEntry(BaseModel):
@@ -186,6 +284,16 @@ def _allocated(directory: Path) -> int:
     return total
 
 
+def allocated_bytes(path: Path) -> int:
+    """Bytes allocated on disk to a file, or to every file under a directory (blocking);
+    0 for what does not exist."""
+    try:
+        st = path.lstat()
+    except OSError:
+        return 0
+    return _allocated(path) if stat.S_ISDIR(st.st_mode) else st.st_blocks * 512
+
+
 def vm_usage(root: Path) -> int:
     """Bytes allocated to the files of the VM directories in the datastore (blocking)."""
     try:
@@ -195,11 +303,12 @@ def vm_usage(root: Path) -> int:
     return sum(_allocated(p) for p in tops if (p / CONFIG_NAME).is_file())
 
 
-def datastore_info(name: str, root: Path) -> Datastore:
-    """Capacity and free space of a datastore (blocking: it walks the VM directories)."""
+def datastore_space(name: str, root: Path, origin: DatastoreOrigin = "host.toml") -> Datastore:
+    """Capacity, free space and filesystem of a datastore, without walking its files
+    (``vm_used_bytes`` is left None). Blocking."""
     try:
         fs = os.statvfs(root)
-    except FileNotFoundError:
+    except OSError:  # missing, or a share that does not answer (ESTALE, EIO, EACCES)
         return Datastore(
             name=name,
             path=str(root),
@@ -207,15 +316,29 @@ def datastore_info(name: str, root: Path) -> Datastore:
             capacity_bytes=None,
             free_bytes=None,
             vm_used_bytes=None,
+            origin=origin,
         )
+    mount = mount_of(root)
     return Datastore(
         name=name,
         path=str(root),
         accessible=True,
         capacity_bytes=fs.f_blocks * fs.f_frsize,
         free_bytes=fs.f_bavail * fs.f_frsize,
-        vm_used_bytes=vm_usage(root),
+        vm_used_bytes=None,
+        origin=origin,
+        filesystem=mount.fstype if mount else None,
+        mount_source=mount.source if mount else None,
+        shared=mount.shared if mount else False,
     )
+
+
+def datastore_info(name: str, root: Path, origin: DatastoreOrigin = "host.toml") -> Datastore:
+    """Capacity and free space of a datastore (blocking: it walks the VM directories)."""
+    info = datastore_space(name, root, origin)
+    if not info.accessible:
+        return info
+    return info.model_copy(update={"vm_used_bytes": vm_usage(root)})
 
 
 def free_bytes(root: Path) -> int | None:

@@ -338,7 +338,7 @@ def _datastore_bytes(ctx: CimContext) -> int | None:
     if ctx.agent is None:
         return None
     total = 0
-    for store in ctx.agent.config.datastores:
+    for store in ctx.agent.config.all_datastores():
         try:
             total += shutil.disk_usage(store.path).total
         except OSError:
