@@ -11,7 +11,19 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from thinvisor import __version__
-from thinvisor.api import auth, consoles, datastores, errors, events, host, networks, tasks, vms
+from thinvisor.api import (
+    auth,
+    consoles,
+    datastores,
+    errors,
+    events,
+    host,
+    networks,
+    snapshots,
+    storage,
+    tasks,
+    vms,
+)
 from thinvisor.host.agent import HostAgent
 
 PREFIX = "/api/v1"
@@ -40,6 +52,7 @@ def create_app(agent: HostAgent, *, start_agent: bool = True) -> FastAPI:
     )
     app.state.agent = agent
     errors.install(app)
-    for module in (host, auth, vms, networks, tasks, events, datastores, consoles):
+    routers = (host, auth, vms, snapshots, networks, tasks, events, datastores, storage, consoles)
+    for module in routers:
         app.include_router(module.router, prefix=PREFIX)
     return app

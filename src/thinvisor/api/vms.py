@@ -175,11 +175,18 @@ async def remove_disk(
     return Response(status_code=204)
 
 
-@router.post("/{vm}/disks/{disk}/resize", response_model=DiskSpec)
+@router.post("/{vm}/disks/{disk}/resize", status_code=202, response_model=None, responses=ACCEPTED)
 async def resize_disk(
     vm: str, disk: str, body: DiskResize, request: Request, user: Configurer
-) -> DiskSpec:
-    return await _service(request).resize_disk(_name(request, vm), disk, body.size)
+) -> JSONResponse:
+    """Grow a disk, online while the VM runs (a task, as every disk operation)."""
+    service = _service(request)
+    name = _name(request, vm)
+
+    async def work(progress: Progress) -> DiskSpec:
+        return await service.resize_disk(name, disk, body.size)
+
+    return accepted(request, "vm.resize_disk", f"vm/{name}", user, work)
 
 
 @router.put("/{vm}/cdrom", response_model=CdromSpec)

@@ -16,7 +16,7 @@ from pathlib import Path
 from thinvisor.auth import LoginThrottle, User, UserStore
 from thinvisor.config import HostConfig
 from thinvisor.errors import ThinvisorError, TooManyAttempts, Unauthenticated
-from thinvisor.host import snapshots
+from thinvisor.host import ovf_io, snapshots
 from thinvisor.host.engine import process
 from thinvisor.host.events import EventLog
 from thinvisor.host.service import HostService
@@ -84,7 +84,10 @@ class HostAgent:
             await self.service.network.reconcile()
         except ThinvisorError as exc:
             self.events.emit("network.reconcile_failed", f"network reconciliation failed: {exc}")
-        # Snapshot operations a crash interrupted are settled before anyone asks.
+        # What a crash interrupted is settled before anyone asks: OVA imports and
+        # exports half done, snapshot operations.
+        roots = [d.path for d in self.config.all_datastores()]
+        await asyncio.to_thread(ovf_io.sweep_imports, roots)
         for name in await snapshots.repair_all(self.service):
             self.events.emit(
                 "vm.snapshot_repair_failed", "snapshot repair failed", object=f"vm/{name}"

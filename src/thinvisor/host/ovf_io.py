@@ -31,6 +31,7 @@ from thinvisor.host.tasks import Progress
 from thinvisor.model.create import NewDiskSpec
 from thinvisor.model.vm import USER_NETWORK, KernelBoot, VmSpec, check_name, validate
 from thinvisor.storage import ovf
+from thinvisor.storage.datastore import check_writable
 from thinvisor.storage.disk import _qemu_img
 
 if TYPE_CHECKING:
@@ -128,10 +129,13 @@ def _export_target(service: HostService, dest: Path) -> Path:
         raise InvalidArgument("dest", "must be an absolute path")
     if dest.suffix.lower() != ".ova":
         raise InvalidArgument("dest", f"{dest.name} does not end in .ova")
-    if service.inventory.datastore_of(dest) is None:
+    datastore = service.inventory.datastore_of(dest)
+    if datastore is None:
         raise InvalidArgument("dest", f"{dest} is outside the host's datastores")
-    if not dest.parent.is_dir():
-        raise InvalidArgument("dest", f"directory {dest.parent} does not exist")
+    # Not into a VM's directory, which only VM actions write (as the file browser).
+    check_writable(datastore.path, dest)
+    if dest.parent.exists() and not dest.parent.is_dir():
+        raise InvalidArgument("dest", f"{dest.parent} is not a directory")
     if dest.exists() or dest.is_symlink():
         raise AlreadyExists(f"{dest} already exists")
     return dest
@@ -147,6 +151,8 @@ async def export_ova(
     assert datastore is not None
     async with service.inventory.lock(name):
         entry, spec, _ = await service._locked_state(name, Action.EXPORT)
+        # A missing directory is made, as an upload's would be.
+        await asyncio.to_thread(dest.parent.mkdir, parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix=EXPORT_PREFIX, dir=datastore.path))
         try:
             system, files = await _export_files(service, entry, spec, work, progress)
