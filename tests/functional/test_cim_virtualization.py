@@ -158,7 +158,8 @@ def test_associations(url: str) -> None:
     memory_pool = next(p for p in pools if p["ResourceType"] == 4)
     allocated = conn.AssociatorNames(memory_pool.path, AssocClass="CIM_ResourceAllocationFromPool")
     assert by_type[4].path["InstanceID"] in {p["InstanceID"] for p in allocated}
-    [service] = conn.Associators(host_path(), AssocClass="CIM_HostedService")
+    # The host hosts the snapshot service too.
+    [service] = conn.Associators(host_path(), AssocClass="CIM_HostedService", ResultClass=VSMS)
     caps = conn.Associators(service.path, AssocClass="CIM_ElementCapabilities")
     assert caps[0].classname == "TV_VirtualSystemManagementCapabilities"
 

@@ -98,6 +98,11 @@ SCHEMA_CLASSES: tuple[str, ...] = (
     "CIM_ElementAllocatedFromPool",
     "CIM_ResourceAllocationFromPool",
     "CIM_SettingsDefineCapabilities",
+    # Virtual System Snapshot Service
+    "CIM_VirtualSystemSnapshotService",
+    "CIM_VirtualSystemSnapshotServiceCapabilities",
+    "CIM_VirtualSystemSnapshotCapabilities",
+    "CIM_SnapshotOfVirtualSystem",
     # Virtual Ethernet Switch (DSP1097), Ethernet Port Resource Virtualization (DSP1050)
     "CIM_VirtualEthernetSwitchSettingData",
     "CIM_DeviceConnection",

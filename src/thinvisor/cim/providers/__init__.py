@@ -20,16 +20,17 @@ from thinvisor.cim.provider import (
 
 def default_registry() -> Registry:
     """Every provider of the host's CIM server."""
-    from thinvisor.cim.providers import hardware, interop, logs, network, virtualization
+    from thinvisor.cim.providers import hardware, interop, logs, network, snapshots, virtualization
 
     found = [
-        *interop.providers(extra=network.profiles()),
+        *interop.providers(extra=[*network.profiles(), *snapshots.profiles()]),
         *hardware.providers(),
         *logs.providers(),
         *virtualization.providers(),
         *network.providers(),
+        *snapshots.providers(),
     ]
-    return Registry(extended(found, network.extensions()))
+    return Registry(extended(found, [*network.extensions(), *snapshots.extensions()]))
 
 
 def extended(

@@ -178,13 +178,16 @@ def vm_system(ctx: CimContext, info: VmInfo, spec: VmSpec) -> CIMInstance:
             "Name": spec.uuid,
             "NameFormat": "Other",
             "ElementName": spec.name,
-            "Caption": "Virtual machine",
+            "Caption": "Virtual machine template" if spec.template else "Virtual machine",
             "Description": f"thinvisor virtual machine {spec.name}",
             "Dedicated": [0],  # Not Dedicated
             "EnabledState": ENABLED_STATES.get(info.state, 0),
             "RequestedState": 12,  # Not Applicable
             "EnabledDefault": 3,
-            "AvailableRequestedStates": AVAILABLE_STATES.get(info.state, []),
+            # A template is never powered on: no state can be requested of it.
+            "AvailableRequestedStates": []
+            if spec.template
+            else AVAILABLE_STATES.get(info.state, []),
             "HealthState": 5,
             "OperationalStatus": [2],
             "OtherIdentifyingInfo": [spec.name],
