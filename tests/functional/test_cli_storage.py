@@ -42,9 +42,7 @@ def test_storage_commands_over_the_api(host: TestHost, agent: TestAgent) -> None
     cli("vm", "snapshot", "revert", "tpl", "s1")
     # s2 is a child of s1: a second s2 under s1 would be its sibling.
     assert cli.error("vm", "snapshot", "take", "tpl", "s2").startswith("a snapshot named 's2'")
-    assert "cannot clone the current state while running" in cli.error(
-        "vm", "clone", "tpl", "copy"
-    )
+    assert "cannot clone the current state while running" in cli.error("vm", "clone", "tpl", "copy")
     cli("vm", "snapshot", "delete", "tpl", "s1")
     cli("vm", "snapshot", "delete", "tpl", "s2")
     assert json.loads(cli("vm", "snapshot", "list", "tpl", "--json").stdout)["snapshots"] == []
