@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 
 def fsync_dir(path: Path) -> None:
@@ -18,10 +20,15 @@ def fsync_dir(path: Path) -> None:
 def atomic_write(path: Path, data: bytes | str, mode: int = 0o644) -> None:
     """Replace ``path`` with ``data`` so that a crash leaves the old or the new file."""
     raw = data.encode() if isinstance(data, str) else data
+    atomic_write_with(path, lambda f: f.write(raw), mode)
+
+
+def atomic_write_with(path: Path, write: Callable[[BinaryIO], object], mode: int = 0o644) -> None:
+    """``atomic_write`` for content that ``write`` puts into the open temporary file."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(raw)
+            write(f)
             f.flush()
             os.fchmod(f.fileno(), mode)
             os.fsync(f.fileno())

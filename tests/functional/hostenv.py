@@ -18,6 +18,7 @@ from typing import Any
 
 from thinvisor.appliance import Appliance
 from thinvisor.config import DatastoreConfig, HostConfig
+from thinvisor.console.serial import SerialConsole
 from thinvisor.host.engine.process import kill, running_pid
 from thinvisor.host.inventory import Inventory
 from thinvisor.host.service import CreateOptions, HostService, NewDisk, VmInfo
@@ -128,6 +129,23 @@ class TestHost:
 
     def wait_ready(self, name: str, count: int = 1) -> bytes:
         return self.wait_for(name, READY.pattern, count)
+
+    def guest(self, name: str, command: str, timeout: float = 60) -> tuple[int, str]:
+        """Run a shell command in the guest over its serial console: status, output."""
+        sock = Inventory(self.config).get(name).paths.serial_socket("serial0")
+
+        async def go() -> tuple[int, str]:
+            async with SerialConsole(sock) as console:
+                return await console.run(command, timeout)
+
+        result: tuple[int, str] = self.run(go())
+        return result
+
+    def sh(self, name: str, command: str, timeout: float = 60) -> str:
+        """``guest`` for a command that must succeed; its output."""
+        status, out = self.guest(name, command, timeout)
+        assert status == 0, f"{command!r} failed in the guest {name}: {out}"
+        return out
 
     def pid(self, name: str) -> int | None:
         return running_pid(Inventory(self.config).get(name).paths)

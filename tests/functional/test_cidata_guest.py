@@ -9,8 +9,6 @@ from typing import Any
 
 import pytest
 
-from thinvisor.console.serial import SerialConsole
-from thinvisor.host.inventory import Inventory
 from thinvisor.model.customization import Customization
 from thinvisor.storage.cidata import seed_files, write_seed
 
@@ -30,14 +28,7 @@ def ssh_key(comment: str) -> str:
 
 
 def guest(host: TestHost, name: str, command: str, timeout: float = 60) -> tuple[int, str]:
-    """Run a shell command in the guest over its serial console."""
-    sock = Inventory(host.config).get(name).paths.serial_socket("serial0")
-
-    async def go() -> tuple[int, str]:
-        async with SerialConsole(sock) as console:
-            return await console.run(command, timeout)
-
-    return host.run(go())
+    return host.guest(name, command, timeout)
 
 
 def make_seed(host: TestHost, custom: dict[str, Any], name: str = "seed.iso") -> Path:

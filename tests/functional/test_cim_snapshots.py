@@ -15,8 +15,6 @@ from pywbem import CIMInstance, CIMInstanceName, Uint16, Uint64, WBEMConnection
 from thinvisor.cim.providers import default_registry
 from thinvisor.cim.schema import load_repository
 from thinvisor.cim.server import create_cim_app
-from thinvisor.console.serial import SerialConsole
-from thinvisor.host.inventory import Inventory
 
 from .cimenv import TEST_CACHE, Served, connect, make_agent
 from .hostenv import TestHost
@@ -105,16 +103,7 @@ def snapshots_of(conn: WBEMConnection, vm: CIMInstanceName) -> dict[str, CIMInst
 
 
 def sh(host: TestHost, name: str, command: str, timeout: float = 60) -> str:
-    """Run a shell command in the guest over its serial console; return its output."""
-    sock = Inventory(host.config).get(name).paths.serial_socket("serial0")
-
-    async def go() -> tuple[int, str]:
-        async with SerialConsole(sock) as console:
-            return await console.run(command, timeout)
-
-    status, out = host.run(go())
-    assert status == 0, f"{command!r} failed in the guest: {out}"
-    return str(out).strip()
+    return host.sh(name, command, timeout).strip()
 
 
 def write_disk(host: TestHost, name: str, text: str) -> None:

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from thinvisor.console.serial import SerialConsole
 from thinvisor.errors import AlreadyExists, InvalidArgument, InvalidState
 from thinvisor.host.inventory import Inventory
 from thinvisor.host.ovf_io import export_ova, import_ovf
@@ -30,15 +29,7 @@ SOURCE_MAC = "02:74:76:0f:0f:01"
 
 
 def guest(host: TestHost, name: str, command: str, timeout: float = 60) -> tuple[int, str]:
-    """Run a shell command in the guest over its serial console."""
-    sock = Inventory(host.config).get(name).paths.serial_socket("serial0")
-
-    async def go() -> tuple[int, str]:
-        async with SerialConsole(sock) as console:
-            return await console.run(command, timeout)
-
-    result: tuple[int, str] = host.run(go())
-    return result
+    return host.guest(name, command, timeout)
 
 
 def hidden(host: TestHost) -> list[str]:

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from thinvisor.console.serial import SerialConsole
 from thinvisor.errors import AlreadyExists, NotFound
 from thinvisor.host.inventory import Inventory
 from thinvisor.storage.snapshots import SnapshotCreate, load_tree
@@ -23,15 +22,7 @@ BLOCK = 4096
 
 def sh(host: TestHost, name: str, command: str, timeout: float = 60) -> str:
     """Run a shell command in the guest over its serial console; return its output."""
-    sock = Inventory(host.config).get(name).paths.serial_socket("serial0")
-
-    async def go() -> tuple[int, str]:
-        async with SerialConsole(sock) as console:
-            return await console.run(command, timeout)
-
-    status, out = host.run(go())
-    assert status == 0, f"{command!r} failed in the guest: {out}"
-    return str(out)
+    return host.sh(name, command, timeout)
 
 
 def write_disk(host: TestHost, name: str, text: str, block: int = 0) -> None:

@@ -19,6 +19,7 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
+from thinvisor import fs
 from thinvisor.errors import ImageError, InsufficientResources, InvalidArgument
 from thinvisor.model.customization import Customization, NetworkCustomization
 from thinvisor.model.vm import invalid_argument
@@ -344,7 +345,7 @@ def test_a_failed_write_leaves_nothing_and_keeps_the_old_seed(
     def full(fd: int) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(cidata.os, "fsync", full)
+    monkeypatch.setattr(fs.os, "fsync", full)
     with pytest.raises(InsufficientResources):
         write_seed(seed_files(Customization(hostname="new"), instance_id="i-2", macs=[]), dest)
     monkeypatch.undo()

@@ -501,8 +501,24 @@ class HostService:
 
     async def _restore(self, entry: VmEntry, spec: VmSpec) -> None:
         """Start QEMU waiting for state, load the suspend file, then run."""
+        await self.load_state(
+            entry, spec, entry.paths.suspend_state, keep=False, run=True,
+            failure="restoring the suspended state failed",
+        )  # fmt: skip
+
+    async def load_state(
+        self,
+        entry: VmEntry,
+        spec: VmSpec,
+        state_file: Path,
+        *,
+        keep: bool,
+        run: bool,
+        failure: str,
+    ) -> None:
+        """Start QEMU on a saved state (a suspend's, or a snapshot's when ``keep``) and
+        let the vCPUs run when ``run``; on failure QEMU is ended with ``failure``."""
         await self._launch(entry, spec, incoming=True)
-        state_file = entry.paths.suspend_state
         try:
             async with Monitor(spec.name, entry.paths.qmp_socket) as mon:
                 fd = os.open(state_file, os.O_RDONLY)
@@ -510,18 +526,20 @@ class HostService:
                     await mon.incoming_from_fd(fd)
                 finally:
                     os.close(fd)
-                # The state lives in QEMU now. Drop the file before the guest runs, so
-                # that it can never be restored over newer disk contents.
-                state_file.unlink()
-                fsync_dir(state_file.parent)
-                await mon.cont()
+                if not keep:
+                    # The state lives in QEMU now. Drop the file before the guest runs,
+                    # so that it can never be restored over newer disk contents.
+                    state_file.unlink()
+                    fsync_dir(state_file.parent)
+                if run:
+                    await mon.cont()
         except QemuError as exc:
-            await self._force_off(entry, "restoring the suspended state failed")
+            await self._force_off(entry, failure)
             raise QemuError(
                 f"vm {spec.name!r}: {process.failure_detail(entry.paths, exc)}"
             ) from exc
         except BaseException:
-            await self._force_off(entry, "restoring the suspended state failed")
+            await self._force_off(entry, failure)
             raise
 
     async def stop(self, name: str) -> VmInfo:

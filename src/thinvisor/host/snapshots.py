@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 from thinvisor.errors import Busy, QemuError, ThinvisorError
 from thinvisor.fs import atomic_write, fsync_dir
 from thinvisor.host.chains import real, users_of
-from thinvisor.host.engine import blocks, process
+from thinvisor.host.engine import blocks
 from thinvisor.host.engine.paths import VmPaths
 from thinvisor.host.engine.qmp import Monitor
 from thinvisor.host.events import iso_time
@@ -492,23 +492,14 @@ async def _fresh_overlays(
 
 async def _resume_from(service: HostService, entry: VmEntry, spec: VmSpec, snap: Snapshot) -> None:
     """Start QEMU on the snapshot's saved state (kept: it may be reverted to again)."""
-    await service._launch(entry, spec, incoming=True)
-    state_file = snapshot_dir(entry.paths.vm_dir, snap.id) / MEMORY_NAME
-    try:
-        async with Monitor(spec.name, entry.paths.qmp_socket) as mon:
-            fd = os.open(state_file, os.O_RDONLY)
-            try:
-                await mon.incoming_from_fd(fd)
-            finally:
-                os.close(fd)
-            if snap.power_state == "running":
-                await mon.cont()
-    except BaseException as exc:
-        await service._force_off(entry, "restoring the snapshot's memory state failed")
-        if isinstance(exc, QemuError):
-            detail = process.failure_detail(entry.paths, exc)
-            raise QemuError(f"vm {spec.name!r}: {detail}") from exc
-        raise
+    await service.load_state(
+        entry,
+        spec,
+        snapshot_dir(entry.paths.vm_dir, snap.id) / MEMORY_NAME,
+        keep=True,
+        run=snap.power_state == "running",
+        failure="restoring the snapshot's memory state failed",
+    )
 
 
 # --- Deleting -------------------------------------------------------------------------

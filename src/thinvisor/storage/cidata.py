@@ -16,9 +16,7 @@ from __future__ import annotations
 import errno
 import io
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +24,7 @@ import pycdlib
 from pycdlib.pycdlibexception import PyCdlibException
 
 from thinvisor.errors import ImageError, InsufficientResources, InvalidArgument
-from thinvisor.fs import fsync_dir
+from thinvisor.fs import atomic_write_with
 from thinvisor.model.customization import Customization, NetworkCustomization
 
 VOLUME_ID = "cidata"
@@ -178,15 +176,4 @@ def _iso_names(files: dict[str, bytes]) -> dict[str, str]:
 
 
 def _write_atomically(iso: pycdlib.PyCdlib, dest: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            iso.write_fp(out)
-            out.flush()
-            os.fchmod(out.fileno(), SEED_MODE)
-            os.fsync(out.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(dest.parent)
+    atomic_write_with(dest, iso.write_fp, SEED_MODE)
