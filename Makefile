@@ -10,7 +10,7 @@ APT_PACKAGES := qemu-system-x86 qemu-utils seabios ipxe-qemu util-linux cpio nft
 	python3-venv python3-dev \
 	xorriso isolinux syslinux syslinux-common mtools dosfstools sblim-wbemcli
 
-.PHONY: all deps demo test lint unit functional clean
+.PHONY: all deps demo test lint unit functional bench clean
 
 all: deps
 
@@ -55,6 +55,33 @@ functional: deps
 
 test: lint
 	$(BIN)/pytest tests
+
+# `make bench`: thinvisor against QEMU started by hand and libvirt (bench/README.md).
+# libvirt comes from Debian without libvirt-daemon-system: the harness starts libvirtd
+# by hand and stops it after, and no default NAT network is installed. libvirtd runs
+# QEMU as Debian's libvirt-qemu user, made here as libvirt-daemon-system would make it.
+# `make bench BENCH_ARGS="power boot --rounds 7"` runs some of them.
+BENCH_APT_PACKAGES := libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev \
+	pkg-config gcc
+BENCH_ARGS ?=
+
+$(STAMPS)/apt-bench: $(STAMPS)/apt
+	@missing=$$(for p in $(BENCH_APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing from Debian: $$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+	getent group libvirt-qemu >/dev/null || addgroup --quiet --system libvirt-qemu
+	getent passwd libvirt-qemu >/dev/null || adduser --quiet --system --ingroup libvirt-qemu \
+		--home /var/lib/libvirt --no-create-home --disabled-login --disabled-password libvirt-qemu
+	@touch $@
+
+$(STAMPS)/bench-python: pyproject.toml $(BIN)/thinvisor $(STAMPS)/apt-bench
+	$(BIN)/pip install -q -e '.[dev,bench]'
+	@touch $@
+
+bench: $(STAMPS)/bench-python
+	$(BIN)/python -m bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) $(TOOLS) $(STAMPS) build src/*.egg-info
