@@ -3,10 +3,12 @@ password hashing, and a pywbem connection."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -81,3 +83,19 @@ class Served:
     def close(self) -> None:
         self.server.should_exit = True
         self.thread.join(30)
+
+
+@contextlib.contextmanager
+def served_agent(config: HostConfig) -> Iterator[str]:
+    """The CIM server of an agent on ``config``, over plain HTTP on loopback: its URL."""
+    from thinvisor.cim.providers import default_registry
+    from thinvisor.cim.schema import load_repository
+    from thinvisor.cim.server import create_cim_app
+
+    agent = make_agent(config)
+    served = Served(create_cim_app(agent, load_repository(TEST_CACHE), default_registry()))
+    try:
+        yield f"http://127.0.0.1:{served.port}"
+    finally:
+        served.close()
+        agent.events.close()

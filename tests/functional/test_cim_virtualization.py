@@ -11,12 +11,10 @@ import pytest
 import pywbem
 from pywbem import CIMInstance, CIMInstanceName, Uint16, Uint64, WBEMConnection
 
-from thinvisor.cim.providers import default_registry, virtualization
+from thinvisor.cim.providers import virtualization
 from thinvisor.cim.providers.base import host_path
-from thinvisor.cim.schema import load_repository
-from thinvisor.cim.server import create_cim_app
 
-from .cimenv import READER, TEST_CACHE, Served, connect, make_agent
+from .cimenv import READER, connect, served_agent
 from .hostenv import TestHost
 
 pytestmark = pytest.mark.functional
@@ -26,14 +24,8 @@ VSMS = "TV_VirtualSystemManagementService"
 
 @pytest.fixture
 def url(host: TestHost) -> Iterator[str]:
-    agent = make_agent(host.config)
-    app = create_cim_app(agent, load_repository(TEST_CACHE), default_registry())
-    served = Served(app)
-    try:
-        yield f"http://127.0.0.1:{served.port}"
-    finally:
-        served.close()
-        agent.events.close()
+    with served_agent(host.config) as served:
+        yield served
 
 
 def vsms(conn: WBEMConnection) -> CIMInstanceName:

@@ -10,7 +10,7 @@ import typer
 from rich.tree import Tree
 
 from thinvisor.cli import common
-from thinvisor.errors import InvalidArgument
+from thinvisor.cli.datastore import split_path
 from thinvisor.host.clones import CloneRequest
 from thinvisor.host.service import HostService
 from thinvisor.model.customization import Customization
@@ -32,14 +32,6 @@ DiskArg = Annotated[str, typer.Argument(help="The disk's name, like disk0.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
 
 out = common.console()
-
-
-def location(text: str, field: str = "path") -> tuple[str, str]:
-    """``DATASTORE/PATH`` as (datastore, path inside it)."""
-    datastore, _, path = text.partition("/")
-    if not datastore or not path:
-        raise InvalidArgument(field, f"{text!r} is not DATASTORE/PATH")
-    return datastore, path
 
 
 def local_path(host: HostService, datastore: str, path: str) -> Path:
@@ -233,7 +225,7 @@ def export(
     target: Annotated[str, typer.Argument(help="DATASTORE/PATH of the .ova to write.")],
 ) -> None:
     """Export a stopped VM as an OVA (OVF 1.0, stream-optimized VMDK disks)."""
-    datastore, path = common.guard(lambda: location(target))
+    datastore, path = common.guard(lambda: split_path(target))
 
     async def go(host: common.Host) -> Any:
         if isinstance(host, HostService):
@@ -254,7 +246,7 @@ def import_ova(
     json_out: JsonOpt = False,
 ) -> None:
     """Create a VM from an OVA or OVF (VMware, VirtualBox or thinvisor)."""
-    src_ds, src_path = common.guard(lambda: location(source))
+    src_ds, src_path = common.guard(lambda: split_path(source))
 
     async def go(host: common.Host) -> Any:
         if isinstance(host, HostService):

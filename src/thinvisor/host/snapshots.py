@@ -17,6 +17,7 @@ nothing refers to them; overlays nothing refers to are removed while the VM is o
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -412,7 +413,7 @@ async def _save_memory(mon: Monitor, directory: Path) -> None:
     fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         await mon.migrate_to_fd(fd)
-        os.fsync(fd)
+        await asyncio.to_thread(os.fsync, fd)  # the whole of the guest's memory
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
@@ -531,7 +532,9 @@ async def delete_snapshot(
             await merging.drop_nodes()
         _empty_trash(entry.paths, spec, tree)
         save_tree(entry.paths.vm_dir, tree)
-        shutil.rmtree(snapshot_dir(entry.paths.vm_dir, snap.id), ignore_errors=True)
+        await asyncio.to_thread(
+            shutil.rmtree, snapshot_dir(entry.paths.vm_dir, snap.id), ignore_errors=True
+        )
         service.emit(
             "vm.snapshot_deleted", name, f"snapshot {snap.name!r} deleted", snapshot=snap.id
         )

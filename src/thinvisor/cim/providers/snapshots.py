@@ -60,6 +60,7 @@ from thinvisor.cim.providers.virtualization import (
     embedded_instance,
     job_path,
     service_of,
+    submit_job,
     valid_vms,
 )
 from thinvisor.errors import AlreadyExists, InvalidArgument, InvalidState, NotFound, ThinvisorError
@@ -453,15 +454,6 @@ def _acting(ctx: CimContext) -> Iterator[None]:
         current_user.reset(token)
 
 
-Work = Callable[[Progress], Awaitable[Any]]
-
-
-def _submit(ctx: CimContext, kind: str, vm: str, work: Work) -> Result:
-    assert ctx.agent is not None
-    task = ctx.agent.tasks.submit(kind, f"vm/{vm}", ctx.user.name, work)
-    return Uint32(JOB_STARTED), {"Job": job_path(task.id, ctx.namespace)}
-
-
 @dataclass
 class SnapshotService:
     """TV_VirtualSystemSnapshotService: CreateSnapshot, DestroySnapshot, ApplySnapshot."""
@@ -517,7 +509,7 @@ class SnapshotService:
         async def work(progress: Progress) -> Snapshot:
             return await service.take_snapshot(name, request, progress)
 
-        return _submit(ctx, TAKE_KIND, name, work)
+        return submit_job(ctx, TAKE_KIND, name, work)
 
     async def _destroysnapshot(self, ctx: CimContext, params: dict[str, Any]) -> Result:
         service = service_of(ctx)
@@ -527,7 +519,7 @@ class SnapshotService:
         async def work(progress: Progress) -> Snapshot:
             return await service.delete_snapshot(name, str(snap.id), progress)
 
-        return _submit(ctx, DELETE_KIND, name, work)
+        return submit_job(ctx, DELETE_KIND, name, work)
 
     async def _applysnapshot(self, ctx: CimContext, params: dict[str, Any]) -> Result:
         service = service_of(ctx)
@@ -537,7 +529,7 @@ class SnapshotService:
         async def work(progress: Progress) -> Snapshot:
             return await service.revert_snapshot(name, str(snap.id), progress)
 
-        return _submit(ctx, REVERT_KIND, name, work)
+        return submit_job(ctx, REVERT_KIND, name, work)
 
 
 # Registration

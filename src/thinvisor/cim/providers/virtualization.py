@@ -73,7 +73,7 @@ from thinvisor.host import hostinfo
 from thinvisor.host.context import current_user
 from thinvisor.host.service import HostService, VmInfo
 from thinvisor.host.state import Action, PowerState, check_allowed
-from thinvisor.host.tasks import Task, TaskState
+from thinvisor.host.tasks import Task, TaskState, Work
 from thinvisor.model.create import NewDiskSpec, NewNicSpec, VmCreate
 from thinvisor.model.vm import CdromSpec, VmSpec, VmUpdate, validate
 
@@ -744,13 +744,11 @@ class _Acting:
         current_user.reset(self._token)
 
 
-def _submit(ctx: CimContext, kind: str, name: str, work: Callable[[], Awaitable[Any]]) -> Result:
+def submit_job(ctx: CimContext, kind: str, vm: str, work: Work) -> Result:
+    """Run ``work`` as a host task about ``vm``; the method's answer: Job Started, and
+    the job's reference."""
     assert ctx.agent is not None
-
-    async def run(progress: Any) -> Any:
-        return await work()
-
-    task = ctx.agent.tasks.submit(kind, f"vm/{name}", ctx.user.name, run)
+    task = ctx.agent.tasks.submit(kind, f"vm/{vm}", ctx.user.name, work)
     return Uint32(JOB_STARTED), {"Job": job_path(task.id, ctx.namespace)}
 
 
@@ -971,7 +969,7 @@ class ComputerSystems:
             kwargs["timeout"] = timeout.timedelta.total_seconds() or None
         run: Callable[[], Awaitable[Any]] = lambda: getattr(service, verb)(name, **kwargs)  # noqa: E731
         if as_job:
-            return _submit(ctx, f"vm.{verb}", name, run)
+            return submit_job(ctx, f"vm.{verb}", name, lambda _: run())
         await run()
         return Uint32(COMPLETED), {}
 
