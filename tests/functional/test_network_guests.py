@@ -226,6 +226,22 @@ def test_agent_killed_and_restarted_leaks_nothing(net_agent: NetAgent) -> None:
         assert _reaches(net_agent, "k1", "10.80.0.1")
         events = [e["kind"] for e in c.get("/events").json()]
         assert "agent.started" in events
+        # A NAT switch's dnsmasq that dies is started again by the agent's watcher.
+        os.kill(dnsmasq, signal.SIGKILL)
+        assert _dhcp_pid_after(c, "default", dnsmasq) is not None
+        kinds = [e["kind"] for e in c.get("/events").json()]
+        assert "network.dnsmasq_restarted" in kinds
+
+
+def _dhcp_pid_after(c: Any, switch: str, old: int, timeout: float = 30) -> int | None:
+    """The pid of the switch's dnsmasq once it is another than ``old``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pid = c.get(f"/networks/switches/{switch}").json()["dhcp"]["pid"]
+        if pid not in (None, old):
+            return int(pid)
+        time.sleep(0.2)
+    return None
 
 
 def _comm(pid: int) -> str:

@@ -135,6 +135,8 @@ def _body_vlan_filtering_unsupported() -> None:
     # Without kernel support the bridge is a plain one: port groups are kept apart by
     # thinvisor's nftables rules instead.
     assert not ensure_switch(_switch(uplink="up0"))
+    # Again on the existing bridge, as at every agent start and dnsmasq restart.
+    assert not ensure_switch(_switch(uplink="up0"))
     assert not bridge_filters_vlans("tvbr-lan")
     assert bridge_ports("tvbr-lan") == ["up0"]
     assert _links()["up0"].get("mtu") == 9000

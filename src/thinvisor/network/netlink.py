@@ -144,10 +144,21 @@ def _configure_bridge(ip: Any, spec: SwitchSpec, existing: Any | None) -> tuple[
         current = existing.get(("linkinfo", "data", "br_vlan_filtering"))
         filtering = bool(current) if current is not None else False
         if current is not None and bool(current) != spec.vlan_filtering:
-            filtering = spec.vlan_filtering
-            ip.link("set", index=index, kind="bridge", br_vlan_filtering=int(filtering))
+            filtering = _set_filtering(ip, index, spec.vlan_filtering)
     ip.link("set", index=index, mtu=spec.mtu, state="up")
     return index, filtering
+
+
+def _set_filtering(ip: Any, index: int, on: bool) -> bool:
+    """Turn an existing bridge's VLAN filtering on or off; whether it now filters."""
+    try:
+        ip.link("set", index=index, kind="bridge", br_vlan_filtering=int(on))
+    except NetlinkError as exc:
+        # As in _configure_bridge: a kernel without VLAN filtering keeps a plain bridge.
+        if exc.code != errno.EOPNOTSUPP or not on:
+            raise
+        return False
+    return on
 
 
 def _add_bridge(ip: Any, name: str, vlan_filtering: bool) -> None:
