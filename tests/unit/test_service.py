@@ -176,6 +176,26 @@ def test_vm_toml_with_a_bad_value_is_invalid(service: HostService) -> None:
     assert "memory_mib" in (shown.error or "")
 
 
+def test_vm_toml_edited_in_place_is_read_again(service: HostService) -> None:
+    # vm.toml documents are kept between looks; an edit of the file, even one that
+    # keeps its inode and size (an editor writing in place), is seen at the next look.
+    info = run(service.create_vm(vm(memory_mib=128)))
+    assert run(service.get_vm("vm1")).spec.memory_mib == 128
+    text = info.paths.config.read_text()
+    with info.paths.config.open("r+") as f:
+        f.write(text.replace("memory_mib = 128", "memory_mib = 256"))
+    assert run(service.get_vm("vm1")).spec.memory_mib == 256
+
+
+def test_specs_read_from_the_inventory_are_independent(service: HostService) -> None:
+    run(service.create_vm(vm(memory_mib=128)))
+    first = service.inventory.get("vm1").spec
+    assert first is not None
+    first.memory_mib = 512
+    again = service.inventory.get("vm1").spec
+    assert again is not None and again.memory_mib == 128
+
+
 def test_invalid_vm_can_be_deleted(service: HostService) -> None:
     info = run(service.create_vm(vm()))
     info.paths.config.write_text("garbage = \n")

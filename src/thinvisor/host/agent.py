@@ -165,17 +165,19 @@ class HostAgent:
         the specs of the VMs that stopped since the last look."""
         seen: dict[str, bool] = {}
         stopped: list[VmSpec] = []
-        for entry in self.service.inventory.entries():
-            alive = process.running_pid(entry.paths) is not None
-            seen[entry.name] = alive
-            if alive or not self._running.get(entry.name):
+        # Only pidfiles each round: a vm.toml is read for the few VMs that stopped.
+        for name, paths in self.service.inventory.registered():
+            alive = process.running_pid(paths) is not None
+            seen[name] = alive
+            if alive or not self._running.get(name):
                 continue
-            if entry.spec is not None:
+            entry = self.service.inventory.find(name)
+            if entry is not None and entry.spec is not None:
                 stopped.append(entry.spec)
-            if process.read_stop_record(entry.paths) is not None:
+            if process.read_stop_record(paths) is not None:
                 continue  # thinvisor stopped it, and said so when it did
-            reason = process.exit_reason(entry.paths) or "QEMU exited"
+            reason = process.exit_reason(paths) or "QEMU exited"
             kind = "vm.crashed" if "abruptly" in reason else "vm.powered_off"
-            self.events.emit(kind, reason, object=f"vm/{entry.name}")
+            self.events.emit(kind, reason, object=f"vm/{name}")
         self._running = seen
         return stopped

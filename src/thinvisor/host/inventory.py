@@ -12,12 +12,14 @@ import asyncio
 import fcntl
 import os
 import shutil
+import threading
 import time
 import tomllib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import tomli_w
 
@@ -50,14 +52,57 @@ def dump_spec(spec: VmSpec) -> str:
 
 def load_spec(path: Path) -> VmSpec:
     """Read a ``vm.toml``; raise ``InvalidConfig`` naming the file and the problem."""
+    return _spec_of(path, _read_toml(path))
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
     try:
-        data = tomllib.loads(path.read_text())
+        return tomllib.loads(path.read_text())
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise InvalidConfig(f"{path.name}: {exc}") from exc
+
+
+def _spec_of(path: Path, data: dict[str, Any]) -> VmSpec:
     try:
         return parse_spec(data)
     except InvalidArgument as exc:
         raise InvalidConfig(f"{path.name}: {exc}") from exc
+
+
+class _TomlCache:
+    """``vm.toml`` documents already read, kept while the file is unchanged.
+
+    Reading and decoding the TOML is most of the cost of a look at a VM, and the agent
+    looks at all of them often (listings, the watcher, MAC checks). Every write
+    replaces the file (a new inode); inode, size, mtime and ctime tell a changed file.
+    Callers get a fresh ``VmSpec`` each time and may change it freely.
+    """
+
+    def __init__(self) -> None:
+        self._docs: dict[str, tuple[tuple[int, int, int, int], dict[str, Any]]] = {}
+        self._lock = threading.Lock()
+
+    def load(self, path: Path) -> VmSpec:
+        try:
+            st = path.stat()
+        except OSError as exc:
+            raise InvalidConfig(f"{path.name}: {exc}") from exc
+        key = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        with self._lock:
+            cached = self._docs.get(str(path))
+        if cached is not None and cached[0] == key:
+            data = cached[1]
+        else:
+            data = _read_toml(path)
+            with self._lock:
+                self._docs[str(path)] = (key, data)
+        return _spec_of(path, data)
+
+    def keep_only(self, paths: set[str]) -> None:
+        """Forget the documents of every file not in ``paths`` (VMs gone)."""
+        with self._lock:
+            for stale in self._docs.keys() - paths:
+                del self._docs[stale]
 
 
 def save_spec(paths: VmPaths, spec: VmSpec) -> None:
@@ -67,6 +112,7 @@ def save_spec(paths: VmPaths, spec: VmSpec) -> None:
 class Inventory:
     def __init__(self, config: HostConfig):
         self.config = config
+        self._toml = _TomlCache()
 
     def paths(self, datastore: DatastoreConfig, name: str) -> VmPaths:
         return VmPaths(datastore.path / name, self.config.run_dir / "vms" / name)
@@ -74,7 +120,7 @@ class Inventory:
     def _entry(self, datastore: DatastoreConfig, name: str) -> VmEntry:
         paths = self.paths(datastore, name)
         try:
-            spec = load_spec(paths.config)
+            spec = self._toml.load(paths.config)
         except InvalidConfig as exc:
             return VmEntry(name, datastore.name, paths, None, str(exc))
         if spec.name != name:
@@ -83,13 +129,22 @@ class Inventory:
         return VmEntry(name, datastore.name, paths, spec, None)
 
     def entries(self) -> list[VmEntry]:
-        found: list[VmEntry] = []
+        found = [self._entry(ds, name) for ds, name in self._registered()]
+        self._toml.keep_only({str(e.paths.config) for e in found})
+        return found
+
+    def registered(self) -> list[tuple[str, VmPaths]]:
+        """Name and paths of every registered VM, without reading their ``vm.toml``."""
+        return [(name, self.paths(ds, name)) for ds, name in self._registered()]
+
+    def _registered(self) -> list[tuple[DatastoreConfig, str]]:
+        found: list[tuple[DatastoreConfig, str]] = []
         for ds in self.config.all_datastores():
             try:
                 names = sorted(p.name for p in ds.path.iterdir() if not p.name.startswith("."))
             except OSError:  # missing, or a share that does not answer: its VMs are not seen
                 continue
-            found += [self._entry(ds, n) for n in names if (ds.path / n / CONFIG_NAME).is_file()]
+            found += [(ds, n) for n in names if (ds.path / n / CONFIG_NAME).is_file()]
         return found
 
     def sweep(self) -> list[Path]:

@@ -363,6 +363,8 @@ class HostService:
             )
 
     def _with_macs(self, spec: VmSpec) -> VmSpec:
+        if not spec.nics:
+            return spec
         taken = self._macs_in_use()
         for nic in spec.nics:
             if nic.mac in taken:
