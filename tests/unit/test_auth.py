@@ -7,6 +7,7 @@ import stat
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Literal
 
 import pytest
 from argon2 import PasswordHasher
@@ -15,6 +16,7 @@ from typer.testing import CliRunner
 import thinvisor.auth
 from thinvisor.auth import LoginThrottle, Permission, Role, UserStore, allows, permissions
 from thinvisor.auth.throttle import MAX_ADDRESSES
+from thinvisor.auth.users import VERIFIED_TTL_S
 from thinvisor.cli import common
 from thinvisor.cli.users import app
 from thinvisor.errors import AlreadyExists, InvalidArgument, InvalidConfig, NotFound
@@ -131,6 +133,43 @@ def test_authenticate(store: UserStore) -> None:
     assert store.authenticate("alice", "wrong password") is None
     assert store.authenticate("nobody", PW) is None
     assert store.authenticate("alice", "") is None
+
+
+class CountingHasher(PasswordHasher):
+    def __init__(self) -> None:
+        super().__init__(time_cost=1, memory_cost=8, parallelism=1)
+        self.verified = 0
+
+    def verify(self, hash: str | bytes, password: str | bytes) -> Literal[True]:
+        self.verified += 1
+        return super().verify(hash, password)
+
+
+def test_a_checked_password_is_remembered_for_a_minute(path: Path) -> None:
+    now = [0.0]
+    hasher = CountingHasher()
+    store = UserStore(path, hasher=hasher, clock=lambda: now[0])
+    store.add_user("alice", PW, Role.OPERATOR)
+    store.add_user("bob", PW, Role.OPERATOR)
+    assert store.authenticate("alice", PW) is not None
+    assert store.authenticate("alice", PW) is not None
+    assert hasher.verified == 1
+    # Wrong passwords are always checked; the role is always the current one.
+    assert store.authenticate("alice", PW + "x") is None
+    assert hasher.verified == 2
+    store.set_role("alice", Role.ADMIN)
+    user = store.authenticate("alice", PW)
+    assert user is not None and user.role == Role.ADMIN
+    assert hasher.verified == 2
+    now[0] += VERIFIED_TTL_S + 1
+    assert store.authenticate("alice", PW) is not None
+    assert hasher.verified == 3
+    # A new password or a removed user counts at once.
+    store.set_password("alice", "a new password")
+    assert store.authenticate("alice", PW) is None
+    assert store.authenticate("bob", PW) is not None
+    store.remove_user("bob")
+    assert store.authenticate("bob", PW) is None
 
 
 def test_set_password(store: UserStore) -> None:

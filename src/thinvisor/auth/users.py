@@ -8,16 +8,21 @@ atomically, so that two processes never lose each other's updates. Reads take no
 its bytes changed.
 
 Hashing is slow on purpose (about 0.1 s); an async caller runs these methods in a thread.
+A password checked successfully is remembered for a minute (as a keyed hash, in memory
+only), so that clients that send HTTP Basic with every request (CIM clients do) do not
+pay that time each time; a changed password or a removed user is noticed at once.
 """
 
 from __future__ import annotations
 
 import fcntl
 import hashlib
+import hmac
 import logging
 import os
 import secrets
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -38,6 +43,8 @@ PASSWORD_MIN = 8
 PASSWORD_MAX = 1024
 LABEL_MAX = 100
 _TOKEN_ID_LEN = 8
+VERIFIED_TTL_S = 60.0
+_VERIFIED_MAX = 1024
 
 log = logging.getLogger(__name__)
 
@@ -131,13 +138,21 @@ def _check_label(label: str) -> str:
 class UserStore:
     """The users and API tokens kept in one JSON file."""
 
-    def __init__(self, path: Path, hasher: PasswordHasher | None = None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        hasher: PasswordHasher | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.path = path
         self._lock_path = path.with_name(path.name + ".lock")
         # Tests pass a cheap hasher; hashes made with other parameters are upgraded on login.
         self._hasher = hasher or PasswordHasher()
         self._cache: tuple[bytes, _UsersFile] | None = None
         self._dummy_hash: str | None = None
+        self._clock = clock
+        self._verified: dict[bytes, float] = {}  # proof of a checked password: its expiry
+        self._verified_key = secrets.token_bytes(32)
 
     # -- users -------------------------------------------------------------------------
 
@@ -193,10 +208,16 @@ class UserStore:
         if rec is None:
             self._verify(self._dummy(), password)
             return None
+        # The stored hash is part of the proof: a new password invalidates it.
+        proof = self._proof(name, rec.password_hash, password)
+        if self._verified.get(proof, 0.0) > self._clock():
+            return _user(name, rec)
         if not self._verify(rec.password_hash, password):
             return None
         if self._hasher.check_needs_rehash(rec.password_hash):
             self._rehash(name, rec.password_hash, password)
+        else:
+            self._remember(proof)
         return _user(name, rec)
 
     # -- tokens ------------------------------------------------------------------------
@@ -259,6 +280,18 @@ class UserStore:
             rec = _UserRecord(role=new_role, password_hash=hashed, created=_now())
             data.users[name] = rec
             return _user(name, rec)
+
+    def _proof(self, name: str, hashed: str, password: str) -> bytes:
+        message = "\0".join((name, hashed, password)).encode()
+        return hmac.new(self._verified_key, message, hashlib.sha256).digest()
+
+    def _remember(self, proof: bytes) -> None:
+        now = self._clock()
+        if len(self._verified) >= _VERIFIED_MAX:
+            self._verified = {p: t for p, t in self._verified.items() if t > now}
+            if len(self._verified) >= _VERIFIED_MAX:
+                self._verified = {}
+        self._verified[proof] = now + VERIFIED_TTL_S
 
     def _verify(self, hashed: str, password: str) -> bool:
         try:
