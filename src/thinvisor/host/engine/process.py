@@ -190,6 +190,32 @@ def _startup_failure(paths: VmPaths) -> str:
 
 async def wait_gone(paths: VmPaths, pid: int, timeout: float) -> bool:
     """Wait up to ``timeout`` seconds for QEMU to exit; True when it did."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    except OSError:  # a kernel before 5.3: look every 20 ms
+        return await _poll_gone(pid, timeout)
+    # QEMU is not our child, but its pidfd still turns readable the moment it exits.
+    loop = asyncio.get_running_loop()
+    exited: asyncio.Future[None] = loop.create_future()
+
+    def readable() -> None:
+        if not exited.done():
+            exited.set_result(None)
+
+    loop.add_reader(pidfd, readable)
+    try:
+        await asyncio.wait_for(exited, timeout)
+    except TimeoutError:
+        pass
+    finally:
+        loop.remove_reader(pidfd)
+        os.close(pidfd)
+    return not _alive(pid)
+
+
+async def _poll_gone(pid: int, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not _alive(pid):
