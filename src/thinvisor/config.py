@@ -21,7 +21,8 @@ from typing import Literal
 from pydantic import Field, ValidationError, field_validator
 
 from thinvisor.errors import InvalidConfig, NotFound
-from thinvisor.model.vm import StrictModel, check_name, invalid_argument
+from thinvisor.model.base import StrictModel
+from thinvisor.model.vm import check_name, invalid_argument
 
 DEFAULT_CONFIG = Path("/etc/thinvisor/host.toml")
 CONFIG_ENV = "THINVISOR_CONFIG"

@@ -18,7 +18,7 @@ from thinvisor.auth import Permission, User, allows
 from thinvisor.errors import TooManyAttempts, Unauthenticated
 from thinvisor.host.agent import HostAgent
 from thinvisor.host.context import current_user
-from thinvisor.model.vm import StrictModel
+from thinvisor.model.base import StrictModel
 
 router = APIRouter(prefix="/auth", tags=["auth"], responses=ERROR_RESPONSES)
 

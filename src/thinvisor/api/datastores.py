@@ -25,7 +25,7 @@ from thinvisor.errors import InsufficientResources, InvalidArgument
 from thinvisor.host.agent import HostAgent
 from thinvisor.host.datastores import DatastoreService
 from thinvisor.host.tasks import Progress, Task
-from thinvisor.model.vm import StrictModel
+from thinvisor.model.base import StrictModel
 from thinvisor.storage import datastore as storage
 from thinvisor.storage.datastore import Datastore, FileEntry, TooLarge
 

@@ -13,8 +13,9 @@ from thinvisor.api.errors import ERROR_RESPONSES
 from thinvisor.auth import Permission, User
 from thinvisor.host.networking import NetworkService
 from thinvisor.host.service import HostService
+from thinvisor.model.base import StrictModel
 from thinvisor.model.create import NewNicSpec, NicUpdate
-from thinvisor.model.vm import NicSpec, StrictModel
+from thinvisor.model.vm import NicSpec
 from thinvisor.network.model import (
     VLAN_TRUNK,
     VLAN_UNTAGGED,

@@ -22,7 +22,8 @@ from thinvisor.host.clones import CloneRequest
 from thinvisor.host.diskops import DiskMove, DiskProvisioning
 from thinvisor.host.service import HostService
 from thinvisor.host.tasks import Progress
-from thinvisor.model.vm import DiskSpec, StrictModel, VmName
+from thinvisor.model.base import StrictModel
+from thinvisor.model.vm import DiskSpec, VmName
 from thinvisor.storage.datastore import safe_path
 from thinvisor.storage.snapshots import Snapshot, SnapshotCreate, SnapshotTree
 

@@ -15,8 +15,9 @@ from thinvisor.api.tasks import ACCEPTED, accepted
 from thinvisor.auth import Permission, User
 from thinvisor.host.service import HostService, VmInfo
 from thinvisor.host.tasks import Progress
+from thinvisor.model.base import StrictModel
 from thinvisor.model.create import NewDiskSpec, VmCreate
-from thinvisor.model.vm import CdromSpec, DiskSpec, StrictModel, VmSpec, VmUpdate
+from thinvisor.model.vm import CdromSpec, DiskSpec, VmSpec, VmUpdate
 
 router = APIRouter(prefix="/vms", tags=["vms"], responses=ERROR_RESPONSES)
 

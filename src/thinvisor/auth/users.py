@@ -36,7 +36,8 @@ from pydantic import Field, ValidationError
 from thinvisor.auth.roles import Role
 from thinvisor.errors import AlreadyExists, InvalidArgument, InvalidConfig, NotFound
 from thinvisor.fs import atomic_write
-from thinvisor.model.vm import StrictModel, check_name
+from thinvisor.model.base import StrictModel
+from thinvisor.model.vm import check_name
 
 TOKEN_PREFIX = "tv_"
 PASSWORD_MIN = 8

@@ -35,8 +35,9 @@ from thinvisor.host.engine.paths import VmPaths
 from thinvisor.host.inventory import VmEntry, save_spec
 from thinvisor.host.state import Action, PowerState
 from thinvisor.host.tasks import Progress
+from thinvisor.model.base import StrictModel
 from thinvisor.model.customization import Customization
-from thinvisor.model.vm import DiskSpec, KernelBoot, StrictModel, VmName, VmSpec, validate
+from thinvisor.model.vm import DiskSpec, KernelBoot, VmName, VmSpec, validate
 from thinvisor.storage.cidata import seed_files, write_seed
 from thinvisor.storage.datastore import free_bytes
 from thinvisor.storage.snapshots import SnapshotCreate

@@ -31,7 +31,8 @@ from thinvisor.host.inventory import VmEntry, save_spec
 from thinvisor.host.snapshots import LIVE, _delete, _empty_trash, repair, spec_path
 from thinvisor.host.state import Action
 from thinvisor.host.tasks import Progress
-from thinvisor.model.vm import DiskSpec, StrictModel, VmSpec
+from thinvisor.model.base import StrictModel
+from thinvisor.model.vm import DiskSpec, VmSpec
 from thinvisor.storage.datastore import free_bytes
 from thinvisor.storage.snapshots import SnapshotTree, save_tree
 

@@ -8,6 +8,7 @@ from typing import Self
 
 from pydantic import Field, model_validator
 
+from thinvisor.model.base import StrictModel
 from thinvisor.model.vm import (
     MEMORY_MIN_MIB,
     USER_NETWORK,
@@ -23,7 +24,6 @@ from thinvisor.model.vm import (
     NicShaping,
     ParallelSpec,
     SerialSpec,
-    StrictModel,
     VmName,
 )
 

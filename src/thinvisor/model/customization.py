@@ -17,7 +17,7 @@ from typing import Annotated, Self
 
 from pydantic import AfterValidator, Field, field_validator, model_validator
 
-from thinvisor.model.vm import StrictModel
+from thinvisor.model.base import StrictModel
 
 HOSTNAME_MAX = 253
 LABEL_MAX = 63

@@ -14,7 +14,6 @@ from typing import Annotated, Any, Literal, Self, TypeVar
 from pydantic import (
     AfterValidator,
     BaseModel,
-    ConfigDict,
     Field,
     ValidationError,
     field_validator,
@@ -22,6 +21,8 @@ from pydantic import (
 )
 
 from thinvisor.errors import InvalidArgument
+from thinvisor.model.base import StrictModel
+from thinvisor.model.resources import DiskLimits, ResourceSpec
 
 NAME_MAX = 64
 M = TypeVar("M", bound=BaseModel)
@@ -54,12 +55,6 @@ def check_name(value: str, field: str = "name") -> str:
             "may contain only letters, digits, '.', '_' and '-', starting with a letter or digit"
         )
     return value
-
-
-class StrictModel(BaseModel):
-    """Unknown fields are rejected, values are checked on assignment too."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
 
 
 def _device_name(value: str) -> str:
@@ -109,6 +104,7 @@ class DiskSpec(StrictModel):
     format: DiskFormat = "qcow2"
     bus: DiskBus = "virtio"
     readonly: bool = False
+    limits: DiskLimits | None = None
     # Where a virtio disk sits on the PCI bus; given once, kept, so that the guest sees
     # the same hardware on every boot and a saved state restores into it.
     slot: PciSlot | None = None
@@ -219,6 +215,7 @@ class VmSpec(StrictModel):
     autostart_order: int = Field(default=0, ge=0, le=10_000)
     # A template is never powered on; VMs are deployed from it as full or linked clones.
     template: bool = False
+    resources: ResourceSpec = Field(default_factory=ResourceSpec)
 
     @field_validator("uuid")
     @classmethod
@@ -245,6 +242,11 @@ class VmSpec(StrictModel):
             raise ValueError("NIC MAC addresses must be unique")
         if len(self.serials) > 4:
             raise ValueError("at most 4 serial ports")
+        reserved, limit = self.resources.memory_reservation_mib, self.resources.memory_limit_mib
+        if reserved > self.memory_mib:
+            raise ValueError("resources.memory_reservation_mib must not exceed memory_mib")
+        if limit is not None and limit > self.memory_mib:
+            raise ValueError("resources.memory_limit_mib must not exceed memory_mib")
         if self.machine == "microvm":
             if self.boot.kind != "kernel":
                 raise ValueError("machine 'microvm' needs kernel boot")

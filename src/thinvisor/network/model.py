@@ -12,7 +12,8 @@ from typing import Annotated, Self
 
 from pydantic import AfterValidator, Field, field_validator, model_validator
 
-from thinvisor.model.vm import USER_NETWORK, StrictModel, check_name
+from thinvisor.model.base import StrictModel
+from thinvisor.model.vm import USER_NETWORK, check_name
 
 IFNAMSIZ = 15  # Linux interface names: at most 15 characters (16 with the NUL)
 BRIDGE_PREFIX = "tvbr-"

@@ -25,7 +25,8 @@ from pydantic import Field, ValidationError, field_validator
 
 from thinvisor.errors import AlreadyExists, InvalidArgument, InvalidConfig, NotFound
 from thinvisor.fs import atomic_write
-from thinvisor.model.vm import StrictModel, invalid_argument
+from thinvisor.model.base import StrictModel
+from thinvisor.model.vm import invalid_argument
 
 SNAPSHOTS_DIR = "snapshots"
 TREE_NAME = "tree.toml"
