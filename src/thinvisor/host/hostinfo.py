@@ -15,6 +15,8 @@ class HostFacts:
     memory_total_mib: int
     memory_available_mib: int
     cpu_model: str
+    # One core's nominal clock, the unit of CPU reservations and limits (as vSphere's MHz).
+    core_mhz: int = 1000
 
 
 def _meminfo() -> dict[str, int]:
@@ -41,7 +43,14 @@ def host_facts() -> HostFacts:
         memory_total_mib=mem.get("MemTotal", 0) // 1024,
         memory_available_mib=mem.get("MemAvailable", 0) // 1024,
         cpu_model=_cpu_model(),
+        core_mhz=core_mhz(),
     )
+
+
+def core_mhz() -> int:
+    """One core's nominal clock in MHz: the TSC rate on x86, else 1000 if unknown."""
+    khz = tsc_khz()
+    return max(1, khz // 1000) if khz else 1000
 
 
 @cache
