@@ -103,6 +103,26 @@ class NetworkHostConfig(StrictModel):
     namespace: str | None = None
 
 
+class MemoryConfig(StrictModel):
+    """Memory overcommit: page sharing (KSM) and the balloon policy (``thinvisor.host.memory``)."""
+
+    # Turn KSM on at agent start, scanning pages_to_scan pages every sleep_millisecs ms
+    # (the kernel's defaults: 100 every 20 ms). What was there is remembered, to restore.
+    ksm: bool = True
+    ksm_pages_to_scan: int = Field(default=100, ge=1, le=100_000)
+    ksm_sleep_millisecs: int = Field(default=20, ge=1, le=60_000)
+    # Balloons take memory back from VMs once the host's available memory falls below
+    # this; unset, 6 % of the host's memory (about where ESXi starts ballooning).
+    low_water_mib: int | None = Field(default=None, ge=0)
+    # At most this part of a VM's memory is taken back (ESXi's Mem.CtlMaxPercent).
+    balloon_max_percent: int = Field(default=65, ge=0, le=100)
+    rebalance_interval_s: float = Field(default=10.0, gt=0)
+
+    def low_water(self, host_total_mib: int) -> int:
+        """The low-water mark in MiB on a host with ``host_total_mib`` of memory."""
+        return self.low_water_mib if self.low_water_mib is not None else host_total_mib * 6 // 100
+
+
 class HostConfig(StrictModel):
     """Where things live and how VMs are run on this host."""
 
@@ -120,6 +140,7 @@ class HostConfig(StrictModel):
     api: ApiConfig = Field(default_factory=ApiConfig)
     cim: CimConfig = Field(default_factory=CimConfig)
     network: NetworkHostConfig = Field(default_factory=NetworkHostConfig)
+    memory: MemoryConfig = Field(default_factory=MemoryConfig)
 
     @field_validator("datastores")
     @classmethod

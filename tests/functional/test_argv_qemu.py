@@ -242,7 +242,7 @@ def test_q35_root_ports_and_scsi_cdrom(paths: VmPaths, start: Any) -> None:
     )
     assert status["status"] == "running"
     assert [bus_of(w) for w in where] == ["rp0", "rp1", "rp2", "rp3", "scsi0.0", "ide.0", "scsi0.0"]
-    assert {f"rp{n}" for n in range(ROOT_PORTS)} | {"video0"} == root_bus_ids(pci)
+    assert {f"rp{n}" for n in range(ROOT_PORTS)} | {"video0", "balloon0"} == root_bus_ids(pci)
     cdrom = blocks(block)["cdrom0"]
     assert cdrom is not None
     assert (cdrom["node-name"], cdrom["ro"]) == ("cdrom0-fmt", True)
@@ -290,6 +290,6 @@ def test_microvm(paths: VmPaths, start: Any) -> None:
     )
     assert status["status"] == "running"
     assert [bus_of(w) for w in where] == ["pcie.0", "pcie.0"]
-    assert root_bus_ids(pci) == {"d0", "n0"}
+    assert root_bus_ids(pci) == {"d0", "n0", "balloon0"}
     opened = {c["label"]: c["frontend-open"] for c in chardevs}
     assert opened["serial0"] and opened["serial1"] and opened["parallel0"]

@@ -10,9 +10,15 @@ import pytest
 
 from thinvisor.errors import InvalidArgument
 from thinvisor.host.engine.accel import AccelChoice
-from thinvisor.host.engine.argv import ROOT_PORTS, build_argv, escape_option, pci_placement
+from thinvisor.host.engine.argv import (
+    BALLOON_ID,
+    ROOT_PORTS,
+    build_argv,
+    escape_option,
+    pci_placement,
+)
 from thinvisor.host.engine.paths import VmPaths
-from thinvisor.model.vm import VmSpec, parse_spec
+from thinvisor.model.vm import PCI_SLOT_MAX, MachineType, VmSpec, parse_spec
 
 PATHS = VmPaths(Path("/ds/web,1"), Path("/run/tv/vms/web,1"))
 TCG = AccelChoice("tcg", "configured")
@@ -101,19 +107,19 @@ def test_incoming_is_deferred() -> None:
 @pytest.mark.parametrize("machine", ["q35", "pc"])
 def test_tcg_machine_has_no_cpu(machine: str) -> None:
     argv = argv_of(make_spec(machine=machine))
-    assert value(argv, "-machine") == f"{machine},accel=tcg"
+    assert value(argv, "-machine") == f"{machine},accel=tcg,mem-merge=on"
     assert "-cpu" not in argv
 
 
 def test_kvm_uses_the_host_cpu() -> None:
     argv = argv_of(make_spec(), KVM)
-    assert value(argv, "-machine") == "q35,accel=kvm"
+    assert value(argv, "-machine") == "q35,accel=kvm,mem-merge=on"
     assert value(argv, "-cpu") == "host"
 
 
 def test_microvm_machine() -> None:
     argv = argv_of(make_spec(machine="microvm", boot=KERNEL))
-    assert value(argv, "-machine") == "microvm,pcie=on,rtc=on,accel=tcg"
+    assert value(argv, "-machine") == "microvm,pcie=on,rtc=on,accel=tcg,mem-merge=on"
 
 
 def test_pure() -> None:
@@ -496,3 +502,59 @@ def test_pci_slots_run_out(machine: str) -> None:
         argv_of(make_spec(machine=machine, boot=boot, nics=nics))
     assert info.value.field == "nics"
     assert "too many PCI devices" in info.value.reason
+
+
+# --- memory: page sharing and the balloon ---------------------------------------------
+
+
+@pytest.mark.parametrize(("sharing", "merge"), [(True, "on"), (False, "off")])
+def test_page_sharing_is_mem_merge(sharing: bool, merge: str) -> None:
+    argv = argv_of(make_spec(resources={"page_sharing": sharing}))
+    assert value(argv, "-machine") == f"q35,accel=tcg,mem-merge={merge}"
+
+
+def test_balloon_device() -> None:
+    balloon = device(argv_of(make_spec()), BALLOON_ID)
+    assert balloon.split(",")[0] == "virtio-balloon-pci"
+    assert props(balloon) == {
+        "id": BALLOON_ID,
+        "bus": "pcie.0",
+        "addr": "0x1e",
+        "deflate-on-oom": "on",
+        "free-page-reporting": "on",
+    }
+
+
+def test_no_balloon_when_off() -> None:
+    argv = argv_of(make_spec(resources={"balloon": False}))
+    assert devices(argv, "virtio-balloon-pci") == []
+
+
+def full_spec(machine: str, **fields: Any) -> VmSpec:
+    """Every PCI slot taken: a SCSI controller, then disks and NICs in slots 1 to 15."""
+    boot = KERNEL if machine == "microvm" else {"kind": "firmware"}
+    disks = [disk("s0", bus="scsi")] if machine != "microvm" else []
+    disks += [disk(f"d{n}") for n in range(7)]
+    nics = [nic(f"n{n}", n + 1) for n in range(PCI_SLOT_MAX - 7)]
+    return make_spec(machine=machine, boot=boot, disks=disks, nics=nics, **fields)
+
+
+@pytest.mark.parametrize(
+    ("machine", "bus", "addr"),
+    [("q35", "pcie.0", "0x1e"), ("pc", "pci.0", "0x13"), ("microvm", "pcie.0", "0x11")],
+)
+def test_balloon_sits_outside_the_slots(machine: MachineType, bus: str, addr: str) -> None:
+    argv = argv_of(full_spec(machine))
+    balloon = props(device(argv, BALLOON_ID))
+    assert (balloon["bus"], balloon["addr"]) == (bus, addr)
+    taken = [pci_placement(machine, n) for n in range(PCI_SLOT_MAX + 1)]
+    assert {"bus": bus, "addr": addr} not in taken
+    others = [props(d) for d in values(argv, "-device") if f",id={BALLOON_ID}," not in f"{d},"]
+    assert all((p.get("bus"), p.get("addr")) != (bus, addr) for p in others)
+
+
+@pytest.mark.parametrize("machine", ["q35", "pc", "microvm"])
+def test_balloon_place_does_not_depend_on_the_rest(machine: str) -> None:
+    bare = make_spec(machine=machine, boot=KERNEL, graphics={"kind": "none"})
+    full = full_spec(machine)
+    assert device(argv_of(bare), BALLOON_ID) == device(argv_of(full), BALLOON_ID)

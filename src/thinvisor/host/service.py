@@ -14,7 +14,7 @@ import secrets
 import shutil
 import signal
 import tempfile
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,17 +25,18 @@ from thinvisor.errors import (
     AlreadyExists,
     Busy,
     InvalidArgument,
+    InvalidState,
     NotFound,
     QemuError,
 )
 from thinvisor.fs import fsync_dir
-from thinvisor.host import clones, diskops, hostinfo, nics, ovf_io, snapshots
+from thinvisor.host import clones, diskops, hostinfo, memory, nics, ovf_io, snapshots
 from thinvisor.host.chains import own_files, real, users_of
 from thinvisor.host.context import current_user
 from thinvisor.host.datastores import DatastoreService
 from thinvisor.host.engine import blocks, process
 from thinvisor.host.engine.accel import AccelChoice, choose_accel
-from thinvisor.host.engine.argv import build_argv, disk_nodes, pci_placement
+from thinvisor.host.engine.argv import build_argv, disk_device_path, disk_nodes, pci_placement
 from thinvisor.host.engine.paths import SUSPEND_STATE_NAME, VmPaths
 from thinvisor.host.engine.qmp import Monitor
 from thinvisor.host.events import EventLog
@@ -50,6 +51,7 @@ from thinvisor.host.state import (
 )
 from thinvisor.host.tasks import Progress
 from thinvisor.model.create import NewDiskSpec, NewNicSpec, NicUpdate, VmCreate
+from thinvisor.model.resources import DiskLimits
 from thinvisor.model.vm import (
     CdromSpec,
     DiskSpec,
@@ -429,6 +431,53 @@ class HostService:
             self.emit("vm.reconfigured", name, f"reconfigured: {', '.join(changed)}")
         return await self.get_vm(name)
 
+    async def set_limits(
+        self,
+        name: str,
+        *,
+        disks: Mapping[str, DiskLimits | None] | None = None,
+        balloon_mib: int | None = None,
+    ) -> VmInfo:
+        """Change disks' I/O limits (disk name -> limits; None or nothing set removes
+        them) and the balloon's target, the guest memory in MiB.
+
+        Disk limits are kept in the spec in every state and take effect at once while
+        QEMU runs; the balloon target is not kept, and needs QEMU running (or paused).
+        """
+        changes = {
+            d: None if lim is None or lim.is_unlimited() else lim
+            for d, lim in (disks or {}).items()
+        }
+        async with self.inventory.lock(name):
+            entry, spec = self.inventory.get_valid(name)
+            unknown = sorted(set(changes) - {d.name for d in spec.disks})
+            if unknown:
+                raise NotFound(f"vm {name!r} has no disk {unknown[0]!r}")
+            state, _, _ = await self.state_of(entry)
+            live = state in (PowerState.RUNNING, PowerState.PAUSED)
+            if balloon_mib is not None:
+                if not live:
+                    raise InvalidState(name, state.value, "set the balloon target")
+                memory.check_balloon_target(spec, balloon_mib)
+            if live:
+                async with Monitor(name, entry.paths.qmp_socket) as mon:
+                    for disk in spec.disks:
+                        if disk.name in changes:
+                            path = disk_device_path(disk)
+                            await mon.block_set_io_throttle(path, changes[disk.name])
+                    if balloon_mib is not None:
+                        await mon.balloon(balloon_mib << 20)
+            if changes:
+                new_disks = [
+                    d.model_copy(update={"limits": changes[d.name]}) if d.name in changes else d
+                    for d in spec.disks
+                ]
+                save_spec(entry.paths, spec.model_copy(update={"disks": new_disks}))
+            what = [f"disk {d} limits" for d in changes]
+            what += [] if balloon_mib is None else [f"balloon target {balloon_mib} MiB"]
+            self.emit("vm.reconfigured", name, f"reconfigured: {', '.join(what) or 'nothing'}")
+        return await self.get_vm(name)
+
     def resolve(self, ref: str) -> str:
         """A VM's name from its name or its UUID."""
         if self.inventory.find(ref) is not None:
@@ -496,10 +545,22 @@ class HostService:
             await self.network.vm_stopped(spec)
             raise
         unplugged = [nic.name for nic in spec.nics if not nic.connected]
-        if unplugged:
+        limited = [d for d in spec.disks if d.limits is not None and not d.limits.is_unlimited()]
+        if not (unplugged or limited):
+            return
+        try:
             async with Monitor(spec.name, entry.paths.qmp_socket) as mon:
                 for nic_name in unplugged:
                     await mon.set_link(nic_name, up=False)
+                # Throttling belongs to the disk's device (its BlockBackend), so it holds
+                # across snapshots and moves that swap the nodes underneath.
+                for disk in limited:
+                    await mon.block_set_io_throttle(disk_device_path(disk), disk.limits)
+        except BaseException:
+            # A VM running without the limits or cable state its spec asks for would be a
+            # quiet lie: end it, and let the start fail.
+            await self._force_off(entry, "its disk limits or NIC links could not be set")
+            raise
 
     async def _restore(self, entry: VmEntry, spec: VmSpec) -> None:
         """Start QEMU waiting for state, load the suspend file, then run."""

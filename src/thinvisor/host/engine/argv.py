@@ -7,12 +7,20 @@ nodes by these names):
   the device ``<d>``; the CD-ROM is the device ``cdrom0`` (nodes ``cdrom0-file`` and
   ``cdrom0-fmt`` while an ISO is in it); a NIC ``<n>`` is the netdev ``<n>-net`` and the
   device ``<n>``; a serial port ``<s>`` is the chardev ``<s>``; the SCSI controller is
-  ``scsi0``, the VGA card ``video0``.
+  ``scsi0``, the VGA card ``video0``. QMP commands that take a disk's guest device
+  (``block_set_io_throttle``) name it by ``disk_device_path``: a virtio-blk-pci keeps
+  its block backend in its ``virtio-backend`` child.
 - virtio disks and NICs sit in fixed PCI slots kept in the spec (``slot``, 1 to 15;
   slot 0 is the SCSI controller's): on q35 slot n is the root port ``rp<n>`` (all 16
   exist from boot, so empty ones take hot-added devices), on pc and microvm it is a fixed
   address on the root bus. The same spec always gives the same guest hardware, which a
   saved state needs to be restored; ``pci_placement`` tells hot-add where a slot is.
+- the memory balloon (``resources.balloon``) is the device ``balloon0``, at a fixed
+  root-bus address outside the slots (``BALLOON_ADDR``): on q35 ``pcie.0`` 1e.0, clear of
+  the root ports (auto-placed from 01.0 or 02.0 up) and of the ICH9 functions at 1f; on
+  pc and microvm the address just above slot 15.
+- ``-machine mem-merge`` follows ``resources.page_sharing``: QEMU marks guest RAM
+  mergeable for KSM.
 - QEMU is never told to daemonize: the caller detaches the process itself.
 """
 
@@ -40,6 +48,7 @@ from thinvisor.model.vm import (
 #: Root ports of a q35 VM (one per PCI slot), all there from boot.
 ROOT_PORTS = PCI_SLOT_MAX + 1
 CDROM_ID = "cdrom0"
+BALLOON_ID = "balloon0"
 SCSI_ID = "scsi0"
 VGA_ID = "video0"
 NIC_DEVICES = {"virtio": "virtio-net-pci", "e1000": "e1000", "rtl8139": "rtl8139"}
@@ -51,6 +60,11 @@ SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=de
 _SLOT_BASE: dict[MachineType, int] = {"pc": 3, "microvm": 1}
 _VGA_ADDR: dict[MachineType, str] = {"q35": "0x1", "pc": "0x2"}
 _ROOT_BUS: dict[MachineType, str] = {"q35": "pcie.0", "pc": "pci.0", "microvm": "pcie.0"}
+BALLOON_ADDR: dict[MachineType, str] = {
+    "q35": "0x1e",
+    "pc": hex(_SLOT_BASE["pc"] + PCI_SLOT_MAX + 1),
+    "microvm": hex(_SLOT_BASE["microvm"] + PCI_SLOT_MAX + 1),
+}
 # Where IDE devices can go; the CD-ROM takes its place first, disks take the rest in order.
 _IDE_POSITIONS: dict[MachineType, list[str]] = {
     "pc": ["bus=ide.0,unit=0", "bus=ide.0,unit=1", "bus=ide.1,unit=0", "bus=ide.1,unit=1"],
@@ -98,7 +112,8 @@ def _placement(spec: VmSpec, slot: int | None) -> str:
 
 def _machine(spec: VmSpec, accel: AccelChoice) -> list[str]:
     machine = "microvm,pcie=on,rtc=on" if spec.machine == "microvm" else spec.machine
-    argv = ["-machine", f"{machine},accel={accel.name}"]
+    merge = "on" if spec.resources.page_sharing else "off"
+    argv = ["-machine", f"{machine},accel={accel.name},mem-merge={merge}"]
     if accel.name == "kvm":
         argv += ["-cpu", "host"]
     return argv
@@ -164,6 +179,15 @@ def disk_nodes(disk: DiskSpec, paths: VmPaths) -> list[dict[str, Any]]:
         **ro,
     }
     return [file_node, fmt_node]
+
+
+def disk_device_path(disk: DiskSpec) -> str:
+    """The guest device that holds a disk's block backend, for QMP's ``id`` arguments:
+    the disk's device, or for virtio the QOM path of its virtio-blk child (QEMU 7.2
+    refuses the virtio-blk-pci proxy: "Device does not have a block device backend")."""
+    if disk.bus == "virtio":
+        return f"/machine/peripheral/{disk.name}/virtio-backend"
+    return disk.name
 
 
 def cdrom_nodes(path: str, paths: VmPaths) -> list[dict[str, Any]]:
@@ -301,6 +325,23 @@ def _graphics(spec: VmSpec, paths: VmPaths) -> list[str]:
     return ["-vnc", f"unix:{escape_option(paths.vnc_socket)}", "-device", vga]
 
 
+def _balloon(spec: VmSpec) -> list[str]:
+    if not spec.resources.balloon:
+        return []
+    # deflate-on-oom: a guest about to run out of memory takes pages back from the
+    # balloon rather than kill its processes. free-page-reporting: the guest hands its
+    # free pages (2 MiB blocks, after 2 s) back to the host without any ballooning.
+    dev = _options(
+        "virtio-balloon-pci",
+        id=BALLOON_ID,
+        bus=_ROOT_BUS[spec.machine],
+        addr=BALLOON_ADDR[spec.machine],
+        deflate_on_oom="on",
+        free_page_reporting="on",
+    )
+    return ["-device", dev]
+
+
 def _root_port_devices(spec: VmSpec) -> list[str]:
     if spec.machine != "q35":
         return []
@@ -332,6 +373,7 @@ def build_argv(
     argv += _root_port_devices(spec)
     argv += _storage(spec, paths, boot)
     argv += _nics(spec, boot, tap_fds or {})
+    argv += _balloon(spec)
     argv += _serials(spec, paths)
     argv += _parallel(spec, paths)
     return argv

@@ -18,11 +18,21 @@ from qemu.qmp import EventListener, QMPClient, QMPError
 from qemu.qmp.qmp_client import ExecuteError
 
 from thinvisor.errors import QemuError
+from thinvisor.model.resources import DiskLimits
 
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_S = 10.0
 COMMAND_TIMEOUT_S = 60.0
+#: ``DiskLimits`` fields -> QMP's throttle arguments (query-block reports the same names).
+THROTTLE_FIELDS = {
+    "bps_total": "bps",
+    "bps_read": "bps_rd",
+    "bps_write": "bps_wr",
+    "iops_total": "iops",
+    "iops_read": "iops_rd",
+    "iops_write": "iops_wr",
+}
 
 
 class Monitor:
@@ -139,6 +149,40 @@ class Monitor:
 
     async def block_resize(self, node_name: str, size: int) -> None:
         await self.command("block_resize", node_name=node_name, size=size)
+
+    async def block_set_io_throttle(self, device_id: str, limits: DiskLimits | None) -> None:
+        """Set the I/O limits of a disk's guest device, by its qdev id or QOM path (see
+        ``argv.disk_device_path``); None, or ``DiskLimits`` with nothing set, removes them."""
+        limits = limits or DiskLimits()
+        # QMP wants all six, 0 meaning unlimited; its names are spelt with '_'.
+        args = {
+            qmp_name: getattr(limits, field) or 0 for field, qmp_name in THROTTLE_FIELDS.items()
+        }
+        await self.execute("block_set_io_throttle", {"id": device_id, **args})
+
+    async def balloon(self, target_bytes: int) -> None:
+        """Ask the guest to shrink (or grow back) to ``target_bytes`` of memory."""
+        await self.command("balloon", value=target_bytes)
+
+    async def query_balloon(self) -> int:
+        """The guest's memory now, in bytes, as its balloon driver last reported it."""
+        reply = await self.command("query-balloon")
+        return int(reply["actual"])
+
+    async def block_stats(self) -> list[dict[str, Any]]:
+        """The I/O counters of the guest's block devices (``query-blockstats``)."""
+        return list(await self.command("query-blockstats"))
+
+    async def balloon_actual(self) -> int | None:
+        """The guest's memory as its balloon leaves it, in bytes; None without a balloon."""
+        try:
+            reply = await self.command("query-balloon")
+        except QemuError as exc:
+            cause = exc.__cause__
+            if isinstance(cause, ExecuteError) and cause.error_class == "DeviceNotActive":
+                return None
+            raise
+        return int(reply["actual"])
 
     async def set_link(self, device_id: str, *, up: bool) -> None:
         """Plug or unplug a NIC's virtual cable: the guest sees its link go up or down."""
