@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMPS := .stamps
 
 # Everything thinvisor and its tests need from Debian.
-APT_PACKAGES := qemu-system-x86 qemu-utils seabios ipxe-qemu util-linux cpio nftables dnsmasq-base iproute2 busybox-static \
+APT_PACKAGES := qemu-system-x86 qemu-utils seabios ipxe-qemu util-linux cpio nftables dnsmasq-base iproute2 busybox-static lz4 \
 	python3-venv python3-dev \
 	xorriso isolinux syslinux syslinux-common mtools dosfstools sblim-wbemcli
 

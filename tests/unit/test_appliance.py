@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import lzma
+import random
 import stat
 import struct
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 import thinvisor.appliance
-from thinvisor.appliance import _build, _debian, _initramfs
-from thinvisor.appliance._cache import Appliance, load_build
+from thinvisor.appliance import _build, _debian, _initramfs, _kernel
+from thinvisor.appliance._cache import FORMAT, Appliance, load_build
 from thinvisor.appliance._cpio import CpioArchive, CpioEntry, write_newc
 from thinvisor.appliance._modules import (
     KernelModule,
@@ -257,6 +260,182 @@ def test_init_script_prints_the_ready_line_and_never_exits() -> None:
     assert "THINVISOR-APPLIANCE-POWEROFF" in _initramfs.script_sources()["poweroff"].decode()
 
 
+# --- the kernel image ---------------------------------------------------------------------
+
+MIB = 1 << 20
+LOAD = 0x1000000  # the kernel's physical load address
+KVA = 0xFFFFFFFF80000000  # __START_KERNEL_map
+SCRATCH_SIZE = 2 * MIB
+
+
+def elf_section(name: int, kind: int, addr: int, offset: int, size: int) -> bytes:
+    return struct.pack("<IIQQQQIIQQ", name, kind, 2 if addr else 0, addr, offset, size, 0, 0, 1, 0)
+
+
+def make_vmlinux() -> tuple[bytes, bytes]:
+    """A kernel ELF laid out as the kernel build does it, and its relocations: 2 MiB
+    aligned segments in the file, the last one ending in ``.init.scratch``."""
+    rng = random.Random(7)
+    text, data, init = (rng.randbytes(n) for n in (0x3000, 0x2000, 0x1000))
+    note = struct.pack("<III", 4, 4, 18) + b"Xen\0" + struct.pack("<I", LOAD)
+    text = text[:0x100] + note + text[0x100 + len(note) :]
+    # (paddr, file offset, memory size, bytes): init + .bss + .brk, then scratch on 2 MiB
+    segments = [(LOAD, 0x200000, len(text), text), (LOAD + 2 * MIB, 0x400000, len(data), data)]
+    segments.append((LOAD + 4 * MIB, 0x600000, 4 * MIB, init))
+    shstrtab = b"\0.text\0.data\0.init.data\0.bss\0.brk\0.init.scratch\0.shstrtab\0"
+    names = {n: shstrtab.index(n.encode() + b"\0") for n in (".text", ".data", ".init.data")}
+    names |= {n: shstrtab.index(n.encode() + b"\0") for n in (".bss", ".brk", ".shstrtab")}
+    scratch_at = LOAD + 6 * MIB
+    file_end = 0x600000 + 4 * MIB
+    sections = [
+        bytes(64),
+        elf_section(names[".text"], 1, KVA + LOAD, 0x200000, len(text)),
+        elf_section(names[".data"], 1, KVA + LOAD + 2 * MIB, 0x400000, len(data)),
+        elf_section(names[".init.data"], 1, KVA + LOAD + 4 * MIB, 0x600000, len(init)),
+        elf_section(names[".bss"], 8, KVA + LOAD + 4 * MIB + 0x1000, 0x601000, 0x3000),
+        elf_section(names[".brk"], 8, KVA + LOAD + 4 * MIB + 0x4000, 0x604000, 0x1000),
+        elf_section(shstrtab.index(b".init.scratch"), 1, KVA + scratch_at, 0x800000, 2 * MIB),
+        elf_section(names[".shstrtab"], 3, 0, file_end, len(shstrtab)),
+    ]
+    shoff = file_end + len(shstrtab)
+    phdrs = [
+        struct.pack("<IIQQQQQQ", 1, 5, off, KVA + paddr, paddr, size, size, 2 * MIB)
+        for paddr, off, size, _ in segments
+    ]
+    phdrs.append(struct.pack("<IIQQQQQQ", 4, 4, 0x200100, KVA + LOAD + 0x100, LOAD + 0x100,
+                             len(note), len(note), 4))  # fmt: skip
+    ident = b"\x7fELF" + bytes([2, 1, 1]) + bytes(9)
+    header = struct.pack("<16sHHIQQQIHHHHHH", ident, 2, 62, 1, LOAD, 64, shoff, 0, 64, 56,
+                         len(phdrs), 64, len(sections), len(sections) - 1)  # fmt: skip
+    elf = bytearray(shoff)
+    elf[: 64 + 56 * len(phdrs)] = header + b"".join(phdrs)
+    for _, off, _, content in segments:
+        elf[off : off + len(content)] = content
+    elf[file_end:shoff] = shstrtab
+    relocs = bytes(4) + rng.randbytes(40) + bytes(4) + rng.randbytes(20)
+    return bytes(elf) + b"".join(sections), relocs
+
+
+def make_bzimage(output: bytes, compress: Callable[[bytes], bytes]) -> bytes:
+    """A bzImage around ``output``: setup header, then a decompressor image holding the
+    payload and, after it, its input_len and output_len, sized as header.S does."""
+    payload = compress(output)
+    if not payload.startswith(b"\x1f\x8b"):
+        payload += struct.pack("<I", len(output))
+    zo = bytes(0x100) + payload + bytes(0x40) + struct.pack("<II", len(payload), len(output))
+    zo += bytes(0x200)
+    zo_size = (len(zo) + 4095) // 4096 * 4096 + 0x3000  # with its .bss and page tables
+    setup = bytearray(1024)
+    setup[0x1F1] = 1
+    struct.pack_into("<I", setup, 0x1F4, (len(zo) + 15) // 16)
+    setup[0x202:0x206] = b"HdrS"
+    struct.pack_into("<H", setup, 0x206, 0x20F)
+    struct.pack_into("<II", setup, 0x248, 0x100, len(payload))
+    init_size = zo_size + _kernel.extract_offset(len(output), len(payload))
+    struct.pack_into("<I", setup, 0x260, init_size)
+    return bytes(setup) + zo
+
+
+def loaded_image(bzimage: bytes) -> tuple[bytearray, bytes]:
+    """Memory from the load address up, once the decompressor's parse_elf() has moved
+    the segments in place, and the relocations it then reads from the output's end."""
+    payload_at, payload_length = struct.unpack_from("<II", bzimage, 0x248)
+    (init_size,) = struct.unpack_from("<I", bzimage, 0x260)
+    payload = bzimage[1024 + payload_at : 1024 + payload_at + payload_length]
+    output = _kernel.decompress(_kernel._format(payload), payload)
+    # The decompressor's own input_len and output_len agree with the header.
+    assert struct.pack("<II", payload_length, len(output)) in bzimage[1024 + payload_at :]
+    memory = bytearray(output.ljust(init_size, b"\0"))
+    phoff, phentsize, phnum = struct.unpack_from("<Q", output, 0x20)[0], 56, output[0x38]
+    for i in range(phnum):
+        kind, _, offset, _, paddr, filesz, _, align = struct.unpack_from(
+            "<IIQQQQQQ", output, phoff + i * phentsize
+        )
+        if kind == 1:
+            assert align % (2 * MIB) == 0  # parse_elf() refuses anything else
+            memory[paddr - LOAD : paddr - LOAD + filesz] = memory[offset : offset + filesz]
+    return memory, output[-68:]
+
+
+def kernel_regions(memory: bytearray) -> list[bytes]:
+    """The parts of a loaded image that are the kernel: its segments up to ``_end``."""
+    spans = [(0, 0x3000), (2 * MIB, 2 * MIB + 0x2000), (4 * MIB, 4 * MIB + 0x5000)]
+    return [bytes(memory[start:end]) for start, end in spans]
+
+
+@pytest.mark.parametrize(
+    "compress",
+    [
+        lambda data: gzip.compress(data, 9, mtime=0),
+        lambda data: lzma.compress(data, lzma.FORMAT_XZ, lzma.CHECK_CRC32),
+    ],
+    ids=["gzip", "xz"],
+)
+def test_repacked_kernel_loads_the_same_and_unpacks_in_less_memory(
+    compress: Callable[[bytes], bytes],
+) -> None:
+    vmlinux, relocs = make_vmlinux()
+    stock = make_bzimage(vmlinux + relocs, compress)
+    repacked = _kernel.repack(stock)
+    assert len(repacked.image) == len(stock)
+    assert repacked.image[:0x248] == stock[:0x248]  # the setup code is untouched
+    before, stock_relocs = loaded_image(stock)
+    after, new_relocs = loaded_image(repacked.image)
+    assert kernel_regions(after) == kernel_regions(before)
+    assert new_relocs == stock_relocs == relocs
+    (init_size,) = struct.unpack_from("<I", repacked.image, 0x260)
+    assert init_size == repacked.init_size < repacked.stock_init_size - 2 * MIB
+    assert _kernel.repack(stock) == repacked  # deterministic
+
+
+def test_relayout_drops_init_scratch_and_alignment_but_keeps_notes() -> None:
+    vmlinux, relocs = make_vmlinux()
+    output, kernel_size = _kernel.relayout(vmlinux + relocs)
+    assert kernel_size == 4 * MIB + 0x5000  # up to _end, the end of .brk
+    assert output.endswith(relocs)
+    assert len(output) == _kernel.HEADROOM + kernel_size + len(relocs)
+    phdrs = [struct.unpack_from("<IIQQQQQQ", output, 64 + i * 56) for i in range(4)]
+    assert [(p[0], p[2], p[6]) for p in phdrs] == [
+        (1, 0x1000, 0x3000), (1, 0x1000 + 2 * MIB, 0x2000), (1, 0x1000 + 4 * MIB, 0x5000),
+        (4, 0x1100, 12 + 4 + 4),
+    ]  # fmt: skip
+    assert output[0x1100 + 12 : 0x1100 + 16] == b"Xen\0"
+    assert struct.unpack_from("<Q", output, 0x28)[0] == 0  # no section headers
+
+
+@pytest.mark.parametrize(
+    ("mangle", "message"),
+    [
+        (lambda image: image[:0x202] + b"Nope" + image[0x206:], "not a bzImage"),
+        (lambda image: image[:1024 + 0x100] + b"LZO!" + image[1024 + 0x104 :], "compressed as"),
+        (lambda image: image.replace(struct.pack("<I", 0x20F), struct.pack("<I", 0x209), 1),
+         "has no init_size"),
+    ],
+)  # fmt: skip
+def test_repack_refuses_what_it_does_not_understand(mangle: Any, message: str) -> None:
+    vmlinux, relocs = make_vmlinux()
+    stock = make_bzimage(vmlinux + relocs, lambda data: gzip.compress(data, mtime=0))
+    with pytest.raises(_kernel.RepackError, match=message):
+        _kernel.repack(mangle(stock))
+
+
+def test_build_keeps_a_kernel_it_cannot_repack() -> None:
+    messages: list[str] = []
+    image, info = _build._repack_kernel(b"not a kernel", messages.append)
+    assert image == b"not a kernel"
+    assert info == {
+        "repacked": False,
+        "reason": "the kernel is not a bzImage (no HdrS setup header)",
+    }
+    assert messages[-1].startswith("kernel left as packaged")
+
+
+def test_command_line_keeps_early_boot_small() -> None:
+    options = _build.CMDLINE.split()
+    assert "initcall_blacklist=tracer_init_tracefs" in options
+    assert "cgroup.memory=nokmem" in options
+
+
 # --- Debian packages ----------------------------------------------------------------------
 
 
@@ -311,7 +490,11 @@ def test_find_appliance_ignores_unfinished_builds(tmp_path: Path) -> None:
     (tmp_path / "appliance" / "current").write_text("6.1+abc\n")
     assert thinvisor.appliance.find_appliance(tmp_path) is None  # no manifest yet
     files = {"vmlinuz": {"size": 6, "sha256": "x"}, "initramfs.img": {"size": 6, "sha256": "y"}}
-    manifest = {"version": "6.1+abc", "cmdline": "console=ttyS0", "files": files}
+    manifest = {"format": FORMAT - 1, "version": "6.1+abc", "cmdline": "console=ttyS0"}
+    manifest["files"] = files
+    (build / "manifest.json").write_text(json.dumps(manifest))
+    assert thinvisor.appliance.find_appliance(tmp_path) is None  # an older recipe
+    manifest["format"] = FORMAT
     (build / "manifest.json").write_text(json.dumps(manifest))
     found = thinvisor.appliance.find_appliance(tmp_path)
     assert found == Appliance(
@@ -333,7 +516,7 @@ def finished_build(root: Path, version: str) -> Path:
     for name, data in (("vmlinuz", b"kernel"), ("initramfs.img", b"initrd")):
         (build / name).write_bytes(data)
         files[name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-    manifest = {"version": version, "cmdline": _build.CMDLINE, "files": files}
+    manifest = {"format": FORMAT, "version": version, "cmdline": _build.CMDLINE, "files": files}
     (build / "manifest.json").write_text(json.dumps(manifest))
     return build
 

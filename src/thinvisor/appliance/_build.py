@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from thinvisor.appliance import _cache, _debian, _initramfs
+from thinvisor.appliance import _cache, _debian, _initramfs, _kernel
 from thinvisor.appliance._cache import Appliance
 from thinvisor.appliance._modules import ModuleSelection, ModuleTree
 from thinvisor.errors import ApplianceBuildError
@@ -21,9 +21,18 @@ from thinvisor.fs import fsync_dir
 
 log = logging.getLogger(__name__)
 
-# Bump when the build recipe changes in a way the inputs below do not capture.
-FORMAT = 1
-CMDLINE = "console=ttyS0 quiet panic=-1"
+FORMAT = _cache.FORMAT
+# The last two options let the kernel (repacked, see _kernel) boot in 64 MiB of guest
+# memory, where about 18 MiB are left once it is loaded: tracefs would give each of its
+# thousands of trace event files an inode and a dentry (9 MiB), and accounting kernel
+# memory to cgroups adds a 4 MiB array to the second percpu chunk.
+CMDLINE = " ".join(
+    (
+        "console=ttyS0 quiet panic=-1",
+        "initcall_blacklist=tracer_init_tracefs",
+        "cgroup.memory=nokmem",
+    )
+)
 
 # virtio for disks, NICs and SCSI CD-ROMs; IDE CD-ROM on pc; the ACPI power button.
 REQUIRED_MODULES = (
@@ -31,9 +40,10 @@ REQUIRED_MODULES = (
     "ata_piix", "button", "evdev",
 )  # fmt: skip
 # Loaded when the kernel has them as modules: AHCI (q35's CD-ROM), the virtio console,
-# ISO 9660 for CD-ROMs, and PCI hotplug (built in on Debian's cloud kernel).
+# ISO 9660 for CD-ROMs, PCI hotplug (built in on Debian's cloud kernel), and the
+# memory balloon.
 OPTIONAL_MODULES = (
-    "ahci", "virtio_console", "isofs", "pciehp", "acpiphp",
+    "ahci", "virtio_console", "isofs", "pciehp", "acpiphp", "virtio_balloon",
     # A NoCloud seed may also be a FAT filesystem labelled cidata.
     "vfat", "nls_cp437", "nls_iso8859_1",
 )  # fmt: skip
@@ -161,13 +171,15 @@ def _assemble(
     report("writing initramfs")
     busybox = _one_of(broot, ["bin/busybox", "usr/bin/busybox"]).read_bytes()
     archive = _initramfs.build_archive(busybox, release, selection.modules, scripts)
+    kernel, kernel_info = _repack_kernel(
+        _one_of(kroot, [f"boot/vmlinuz-{release}"]).read_bytes(), report
+    )
     staged = work / "out"
     staged.mkdir()
-    _cache.write_file(
-        staged / _cache.KERNEL_NAME, _one_of(kroot, [f"boot/vmlinuz-{release}"]).read_bytes()
-    )
+    _cache.write_file(staged / _cache.KERNEL_NAME, kernel)
     _cache.write_file(staged / _cache.INITRD_NAME, _initramfs.compress(archive))
     manifest = _manifest(fetched, release, selection, config, staged)
+    manifest["kernel_image"] = kernel_info
     _cache.write_manifest(staged / _cache.MANIFEST_NAME, manifest)
     fsync_dir(staged)
     _cache.install_build(staged, root / fetched.version, work / "replaced")
@@ -178,6 +190,29 @@ def _assemble(
         initrd=root / fetched.version / _cache.INITRD_NAME,
         cmdline=CMDLINE,
     )
+
+
+def _repack_kernel(stock: bytes, report: Progress) -> tuple[bytes, dict[str, Any]]:
+    """The kernel repacked to boot in less memory; as packaged if that cannot be done."""
+    report("repacking the kernel")
+    try:
+        repacked = _kernel.repack(stock)
+    except _kernel.RepackError as exc:
+        log.warning("appliance: kernel left as packaged, it needs more guest memory: %s", exc)
+        report(f"kernel left as packaged: {exc}")
+        return stock, {"repacked": False, "reason": str(exc)}
+    mib = _kernel.MIB
+    report(
+        f"kernel repacked: it unpacks in {repacked.init_size / mib:.1f} MiB"
+        f" instead of {repacked.stock_init_size / mib:.1f} MiB"
+    )
+    info = {
+        "repacked": True,
+        "compression": repacked.compression,
+        "init_size": repacked.init_size,
+        "stock_init_size": repacked.stock_init_size,
+    }
+    return repacked.image, info
 
 
 def _manifest(

@@ -19,6 +19,9 @@ from typing import Any
 
 from thinvisor.fs import atomic_write, fsync_dir
 
+# The build recipe's version: bump when it changes in a way the package versions and the
+# recipe digest do not capture. Builds of another format are not found.
+FORMAT = 2
 KERNEL_NAME = "vmlinuz"
 INITRD_NAME = "initramfs.img"
 MANIFEST_NAME = "manifest.json"
@@ -41,9 +44,12 @@ def appliance_root(cache_dir: Path) -> Path:
 
 
 def load_build(directory: Path, *, verify: bool) -> Appliance | None:
-    """The build in ``directory`` if it is complete (and intact, with ``verify``)."""
+    """The build in ``directory`` if it is complete, of this format (and intact, with
+    ``verify``)."""
     try:
         manifest = json.loads((directory / MANIFEST_NAME).read_text())
+        if manifest["format"] != FORMAT:
+            return None
         files = manifest["files"]
         for name in (KERNEL_NAME, INITRD_NAME):
             path = directory / name
