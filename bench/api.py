@@ -2,7 +2,7 @@
 many clients at once, and the same listing over CIM.
 
 The VMs are the appliance booted from a kernel and initrd that lie once in the datastore
-(``images/``): 80 MiB (the least it boots in), one vCPU, no disks, each one small
+(``images/``): 64 MiB, one vCPU, no disks, each one small
 ``vm.toml`` and bootable, as a libvirt domain is one XML pointing at shared files.
 ``appliance: true`` would copy the kernel and initrd (16 MB) into every VM's directory
 and time the disk, not the API.

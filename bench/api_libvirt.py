@@ -1,7 +1,7 @@
 """libvirt's side of the API benchmarks: libvirt-python on ``qemu:///system`` (a unix
 socket, no TLS), with libvirtd started by hand (``bench.libvirt_host``).
 
-The domains are the same definitions as thinvisor's VMs: 80 MiB, one vCPU, q35, direct
+The domains are the same definitions as thinvisor's VMs: 64 MiB, one vCPU, q35, direct
 kernel boot of the appliance's kernel and initrd, which lie once in a shared folder.
 """
 

@@ -1,5 +1,6 @@
-"""libvirt's fleet for the density benchmark: the same 80 MiB appliance VMs as domains of
-a libvirtd started by hand (``bench.libvirt_host``), whose QEMU runs as libvirt's user."""
+"""libvirt's fleet for the density benchmark: the same 64 MiB appliance VMs as domains of
+a libvirtd started by hand (``bench.libvirt_host``), whose QEMU runs as root here as
+thinvisor's does (see ``bench.libvirt_host``)."""
 
 from __future__ import annotations
 
