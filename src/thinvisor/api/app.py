@@ -20,6 +20,7 @@ from thinvisor.api import (
     host,
     networks,
     snapshots,
+    stats,
     storage,
     tasks,
     vms,
@@ -52,7 +53,21 @@ def create_app(agent: HostAgent, *, start_agent: bool = True) -> FastAPI:
     )
     app.state.agent = agent
     errors.install(app)
-    routers = (host, auth, vms, snapshots, networks, tasks, events, datastores, storage, consoles)
+    routers = (
+        host,
+        auth,
+        vms,
+        snapshots,
+        networks,
+        tasks,
+        events,
+        datastores,
+        storage,
+        consoles,
+        stats,
+    )
     for module in routers:
         app.include_router(module.router, prefix=PREFIX)
+    # Where Prometheus looks by default, outside the versioned API.
+    app.include_router(stats.metrics_router)
     return app

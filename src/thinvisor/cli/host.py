@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from thinvisor import __version__
-from thinvisor.cli import common, users
+from thinvisor.cli import common, stats, users
 from thinvisor.host import hostinfo
 
 app = typer.Typer(
@@ -74,6 +74,9 @@ def info(json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] =
         table.add_row(f"datastore {d.name}", str(d.path))
     table.add_row("TLS fingerprint", str(data["tls_fingerprint"] or "(no certificate yet)"))
     out.print(table)
+
+
+app.command("stats")(stats.host_stats)
 
 
 @app.command()

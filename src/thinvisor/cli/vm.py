@@ -13,7 +13,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from thinvisor.cli import common, remote, vmstorage
+from thinvisor.cli import common, remote, stats, vmstorage
 from thinvisor.cli.remote import VmView
 from thinvisor.console import serial
 from thinvisor.errors import InvalidArgument, ThinvisorError
@@ -306,6 +306,9 @@ def _boot_text(spec: VmSpec) -> str:
 def show(name: NameArg, json_out: JsonOpt = False) -> None:
     """Show a VM's configuration and state."""
     _print_info(common.run_on_host(lambda s: s.get_vm(name)), json_out)
+
+
+app.command("stats")(stats.vm_stats)
 
 
 @app.command("set")

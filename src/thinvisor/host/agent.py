@@ -20,6 +20,7 @@ from thinvisor.host import ovf_io, snapshots
 from thinvisor.host.engine import process
 from thinvisor.host.events import EventLog
 from thinvisor.host.service import HostService
+from thinvisor.host.stats import StatsSampler
 from thinvisor.host.tasks import TaskManager
 from thinvisor.model.vm import VmSpec
 
@@ -39,6 +40,7 @@ class HostAgent:
         self.tasks = TaskManager(self.events)
         self.users = UserStore(config.state_dir / "users.json")
         self.throttle = LoginThrottle()
+        self.stats = StatsSampler(self.service.inventory, config.state_dir / "stats")
         self._background: list[asyncio.Task[object]] = []
         self._running: dict[str, bool] = {}
         self.tls_fingerprint: str | None = None  # set by the server once TLS is set up
@@ -93,6 +95,7 @@ class HostAgent:
                 "vm.snapshot_repair_failed", "snapshot repair failed", object=f"vm/{name}"
             )
         self._background.append(asyncio.create_task(self._watch(), name="vm-watcher"))
+        self._background.append(asyncio.create_task(self.stats.run(), name="stats-sampler"))
         if autostart:
             self._background.append(asyncio.create_task(self.autostart(), name="autostart"))
 
@@ -104,6 +107,7 @@ class HostAgent:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._background.clear()
+        await self.stats.close()
         await self.tasks.close()
         self.events.emit("agent.stopped", "host agent stopped; VMs keep running")
 

@@ -174,15 +174,14 @@ class Monitor:
         return list(await self.command("query-blockstats"))
 
     async def balloon_actual(self) -> int | None:
-        """The guest's memory as its balloon leaves it, in bytes; None without a balloon."""
+        """``query_balloon``, or None when the VM has no balloon device."""
         try:
-            reply = await self.command("query-balloon")
+            return await self.query_balloon()
         except QemuError as exc:
             cause = exc.__cause__
             if isinstance(cause, ExecuteError) and cause.error_class == "DeviceNotActive":
                 return None
             raise
-        return int(reply["actual"])
 
     async def set_link(self, device_id: str, *, up: bool) -> None:
         """Plug or unplug a NIC's virtual cable: the guest sees its link go up or down."""
