@@ -105,6 +105,8 @@ class ThinvisorHost:
             f'[[datastores]]\nname = "local"\npath = "{self.datastore}"\n'
             f'[api]\nlisten = "127.0.0.1"\nport = {self.port}\n'
             f"[cim]\nport = {self.cim_port}\n"
+            # The density benchmark turns KSM off and on itself.
+            "[memory]\nksm = false\n"
         )
         self.env = {**os.environ, "THINVISOR_CONFIG": str(self.config_file)}
         self.base = f"https://127.0.0.1:{self.port}/api/v1"

@@ -123,6 +123,20 @@ class MemoryConfig(StrictModel):
         return self.low_water_mib if self.low_water_mib is not None else host_total_mib * 6 // 100
 
 
+class StatsConfig(StrictModel):
+    """Performance statistics (``thinvisor.host.stats``)."""
+
+    # Seconds between two samples (vCenter's real-time charts: 20).
+    interval_s: float = Field(default=20.0, gt=0, le=300)
+
+
+class ReservationConfig(StrictModel):
+    """What the host keeps for itself: VMs' reservations share the rest (admission control)."""
+
+    host_cpu_mhz: int = Field(default=0, ge=0)
+    host_memory_mib: int = Field(default=1024, ge=0)
+
+
 class HostConfig(StrictModel):
     """Where things live and how VMs are run on this host."""
 
@@ -141,6 +155,8 @@ class HostConfig(StrictModel):
     cim: CimConfig = Field(default_factory=CimConfig)
     network: NetworkHostConfig = Field(default_factory=NetworkHostConfig)
     memory: MemoryConfig = Field(default_factory=MemoryConfig)
+    reservations: ReservationConfig = Field(default_factory=ReservationConfig)
+    stats: StatsConfig = Field(default_factory=StatsConfig)
 
     @field_validator("datastores")
     @classmethod

@@ -43,6 +43,8 @@ class TestAgent:
             f"[[datastores]]{tables}"
             f'[api]\nlisten = "127.0.0.1"\nport = {self.port}\n'
             f"[cim]\nport = {self.cim_port}\n"
+            # KSM is the host's, not one test's: the tests that need it turn it on.
+            "[memory]\nksm = false\n"
         )
         self.cim_url = f"https://127.0.0.1:{self.cim_port}"
         self.base = f"https://127.0.0.1:{self.port}/api/v1"

@@ -151,7 +151,7 @@ class TestHost:
         return running_pid(Inventory(self.config).get(name).paths)
 
     def close(self) -> None:
-        """End every QEMU this host started, then remove its files."""
+        """End every QEMU this host started, then remove its cgroups and files."""
         for entry in Inventory(self.config).entries():
             pid = running_pid(entry.paths)
             if pid is not None:
@@ -159,4 +159,6 @@ class TestHost:
                 deadline = time.monotonic() + 10
                 while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
                     time.sleep(0.05)
+            if entry.spec is not None:  # its cgroups, once QEMU has left them
+                self.service.controls.release(entry.spec)
         shutil.rmtree(self.root, ignore_errors=True)

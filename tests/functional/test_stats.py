@@ -13,8 +13,6 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from thinvisor.host.stats import INTERVAL_ENV
-
 from .agentenv import TestAgent
 from .hostenv import TestHost
 from .test_api import create_appliance_vm, read_until, ws
@@ -24,10 +22,11 @@ pytestmark = pytest.mark.functional
 
 
 @pytest.fixture
-def agent(host: TestHost, monkeypatch: pytest.MonkeyPatch) -> Iterator[TestAgent]:
+def agent(host: TestHost) -> Iterator[TestAgent]:
     """An agent that samples every second instead of every 20."""
-    monkeypatch.setenv(INTERVAL_ENV, "1")
     a = TestAgent(host)
+    with host.config_file.open("a") as f:
+        f.write("[stats]\ninterval_s = 1\n")
     try:
         a.start()
         yield a

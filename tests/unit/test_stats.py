@@ -198,16 +198,6 @@ def test_process_files(tmp_path: Path) -> None:
     assert stats.read_process(fake.sources, 8) is None  # gone
 
 
-def test_interval_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(stats.INTERVAL_ENV, raising=False)
-    assert stats.interval_from_env() == 20.0
-    for bad in ("", "soon", "0", "-1", "nan"):
-        monkeypatch.setenv(stats.INTERVAL_ENV, bad)
-        assert stats.interval_from_env() == 20.0
-    monkeypatch.setenv(stats.INTERVAL_ENV, "0.5")
-    assert stats.interval_from_env() == 0.5
-
-
 # --- Ring buffer and roll-ups ------------------------------------------------------------
 
 

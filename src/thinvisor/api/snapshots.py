@@ -13,10 +13,10 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
-from thinvisor.api.auth import agent_of, require
+from thinvisor.api.auth import require
 from thinvisor.api.errors import ERROR_RESPONSES
 from thinvisor.api.tasks import ACCEPTED, accepted
-from thinvisor.api.vms import VmOut, vm_out
+from thinvisor.api.vms import VmOut, service_of, vm_name, vm_out
 from thinvisor.auth import Permission, User
 from thinvisor.host.clones import CloneRequest
 from thinvisor.host.diskops import DiskMove, DiskProvisioning
@@ -82,14 +82,6 @@ def snapshots_out(tree: SnapshotTree) -> SnapshotsOut:
     )
 
 
-def _service(request: Request) -> HostService:
-    return agent_of(request).service
-
-
-def _name(request: Request, vm: str) -> str:
-    return _service(request).resolve(vm)
-
-
 def _datastore_path(service: HostService, datastore: str, relpath: str) -> Path:
     """A path a client names inside a datastore (nothing outside it can be named)."""
     return safe_path(service.config.datastore(datastore).path, relpath)
@@ -101,14 +93,14 @@ def _datastore_path(service: HostService, datastore: str, relpath: str) -> Path:
 @router.get("/{vm}/snapshots", response_model=SnapshotsOut)
 async def list_snapshots(vm: str, request: Request, user: Reader) -> SnapshotsOut:
     """The VM's snapshot tree: each snapshot with its parent and children."""
-    return snapshots_out(await _service(request).list_snapshots(_name(request, vm)))
+    return snapshots_out(await service_of(request).list_snapshots(vm_name(request, vm)))
 
 
 @router.get("/{vm}/snapshots/{snapshot}", response_model=SnapshotOut)
 async def get_snapshot(vm: str, snapshot: str, request: Request, user: Reader) -> SnapshotOut:
     """One snapshot, by id or by its name when unique."""
-    name = _name(request, vm)
-    tree = await _service(request).list_snapshots(name)
+    name = vm_name(request, vm)
+    tree = await service_of(request).list_snapshots(name)
     return snapshot_out(tree, tree.find(name, snapshot))
 
 
@@ -117,8 +109,8 @@ async def take_snapshot(
     vm: str, body: SnapshotCreate, request: Request, user: Configurer
 ) -> JSONResponse:
     """Take a snapshot (with the memory state of a running VM when `memory`): a task."""
-    service = _service(request)
-    name = _name(request, vm)
+    service = service_of(request)
+    name = vm_name(request, vm)
 
     async def work(progress: Progress) -> SnapshotOut:
         snap = await service.take_snapshot(name, body, progress)
@@ -134,8 +126,8 @@ async def revert_snapshot(
     vm: str, snapshot: str, request: Request, user: Configurer
 ) -> JSONResponse:
     """Go back to a snapshot (the VM runs again when it has memory): a task."""
-    service = _service(request)
-    name = _name(request, vm)
+    service = service_of(request)
+    name = vm_name(request, vm)
 
     async def work(progress: Progress) -> VmOut:
         await service.revert_snapshot(name, snapshot, progress)
@@ -151,8 +143,8 @@ async def delete_snapshot(
     vm: str, snapshot: str, request: Request, user: Configurer
 ) -> JSONResponse:
     """Delete a snapshot, merging its data into what depends on it: a task."""
-    service = _service(request)
-    name = _name(request, vm)
+    service = service_of(request)
+    name = vm_name(request, vm)
 
     async def work(progress: Progress) -> SnapshotOut:
         snap = await service.delete_snapshot(name, snapshot, progress)
@@ -168,8 +160,8 @@ def _clone_route(path: str, method: str, doc: str) -> None:
     async def endpoint(
         vm: str, body: CloneRequest, request: Request, user: Configurer
     ) -> JSONResponse:
-        service = _service(request)
-        name = _name(request, vm)
+        service = service_of(request)
+        name = vm_name(request, vm)
 
         async def work(progress: Progress) -> VmOut:
             return vm_out(await getattr(service, method)(name, body, progress))
@@ -201,7 +193,7 @@ _clone_route(
 @router.put("/{vm}/template", response_model=VmOut)
 async def mark_template(vm: str, body: TemplateMark, request: Request, user: Configurer) -> VmOut:
     """Mark a stopped VM as a template (never powered on), or make it a VM again."""
-    return vm_out(await _service(request).set_template(_name(request, vm), body.template))
+    return vm_out(await service_of(request).set_template(vm_name(request, vm), body.template))
 
 
 # --- Disks ----------------------------------------------------------------------------
@@ -212,8 +204,8 @@ async def move_disk(
     vm: str, disk: str, body: DiskMove, request: Request, user: Configurer
 ) -> JSONResponse:
     """Move a disk to another datastore; mirrored live while the VM runs (a task)."""
-    service = _service(request)
-    name = _name(request, vm)
+    service = service_of(request)
+    name = vm_name(request, vm)
 
     async def work(progress: Progress) -> DiskSpec:
         return await service.move_disk(name, disk, body.datastore, progress)
@@ -228,8 +220,8 @@ async def set_provisioning(
     vm: str, disk: str, body: DiskProvisioning, request: Request, user: Configurer
 ) -> JSONResponse:
     """Rewrite a stopped VM's disk thick (all blocks allocated) or thin (a task)."""
-    service = _service(request)
-    name = _name(request, vm)
+    service = service_of(request)
+    name = vm_name(request, vm)
 
     async def work(progress: Progress) -> DiskSpec:
         return await service.set_provisioning(name, disk, body.provisioning, progress)
@@ -245,8 +237,8 @@ async def export_vm(
     vm: str, body: ExportRequest, request: Request, user: Configurer
 ) -> JSONResponse:
     """Export a stopped VM as an .ova into a datastore (download it from there): a task."""
-    service = _service(request)
-    name = _name(request, vm)
+    service = service_of(request)
+    name = vm_name(request, vm)
     dest = _datastore_path(service, body.datastore, body.path)
 
     async def work(progress: Progress) -> dict[str, str]:
@@ -259,7 +251,7 @@ async def export_vm(
 @router.post("/import", status_code=202, response_model=None, responses=ACCEPTED)
 async def import_vm(body: ImportRequest, request: Request, user: Configurer) -> JSONResponse:
     """Create a VM from an .ova file or an .ovf directory in a datastore: a task."""
-    service = _service(request)
+    service = service_of(request)
     source = _datastore_path(service, body.datastore, body.path)
 
     async def work(progress: Progress) -> VmOut:

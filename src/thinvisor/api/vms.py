@@ -62,23 +62,24 @@ def vm_out(info: VmInfo) -> VmOut:
     )
 
 
-def _service(request: Request) -> HostService:
+def service_of(request: Request) -> HostService:
     return agent_of(request).service
 
 
-def _name(request: Request, vm: str) -> str:
-    return _service(request).resolve(vm)
+def vm_name(request: Request, vm: str) -> str:
+    """The name of the VM a path gives by name or UUID."""
+    return service_of(request).resolve(vm)
 
 
 @router.get("", response_model=list[VmOut])
 async def list_vms(request: Request, user: Reader) -> list[VmOut]:
-    return [vm_out(v) for v in await _service(request).list_vms()]
+    return [vm_out(v) for v in await service_of(request).list_vms()]
 
 
 @router.post("", status_code=202, response_model=None, responses=ACCEPTED)
 async def create_vm(body: VmCreate, request: Request, user: Configurer) -> JSONResponse:
     """Create a VM (copying any source images): a task whose result is the VM."""
-    service = _service(request)
+    service = service_of(request)
 
     async def work(progress: Progress) -> VmOut:
         progress.update(0, "creating disks and configuration")
@@ -89,25 +90,25 @@ async def create_vm(body: VmCreate, request: Request, user: Configurer) -> JSONR
 
 @router.get("/{vm}", response_model=VmOut)
 async def get_vm(vm: str, request: Request, user: Reader) -> VmOut:
-    return vm_out(await _service(request).get_vm(_name(request, vm)))
+    return vm_out(await service_of(request).get_vm(vm_name(request, vm)))
 
 
 @router.patch("/{vm}", response_model=VmOut)
 async def update_vm(vm: str, body: VmUpdate, request: Request, user: Configurer) -> VmOut:
     """Change a stopped VM's settings; only the fields given change."""
-    return vm_out(await _service(request).update_vm(_name(request, vm), body))
+    return vm_out(await service_of(request).update_vm(vm_name(request, vm), body))
 
 
 @router.delete("/{vm}", status_code=204, response_class=Response)
 async def delete_vm(vm: str, request: Request, user: Configurer) -> Response:
-    await _service(request).delete_vm(_name(request, vm))
+    await service_of(request).delete_vm(vm_name(request, vm))
     return Response(status_code=204)
 
 
 def _power(action: str, doc: str) -> None:
     async def endpoint(vm: str, request: Request, user: Powerer) -> VmOut:
-        service = _service(request)
-        return vm_out(await getattr(service, action)(_name(request, vm)))
+        service = service_of(request)
+        return vm_out(await getattr(service, action)(vm_name(request, vm)))
 
     endpoint.__doc__ = doc
     router.post(f"/{{vm}}/{action}", response_model=VmOut, name=f"{action}_vm")(endpoint)
@@ -126,8 +127,8 @@ def _power_task(action: str, doc: str) -> None:
         user: Powerer,
         timeout: Annotated[float | None, Query(gt=0, le=3600)] = None,
     ) -> JSONResponse:
-        service = _service(request)
-        name = _name(request, vm)
+        service = service_of(request)
+        name = vm_name(request, vm)
 
         async def work(progress: Progress) -> VmOut:
             kwargs: dict[str, Any] = {"timeout": timeout} if action == "shutdown" else {}
@@ -152,15 +153,15 @@ _power_task("resume", "Continue a paused VM, or restore a suspended one (a task)
 
 @router.get("/{vm}/disks", response_model=list[DiskSpec])
 async def list_disks(vm: str, request: Request, user: Reader) -> list[DiskSpec]:
-    _, spec = _service(request).inventory.get_valid(_name(request, vm))
+    _, spec = service_of(request).inventory.get_valid(vm_name(request, vm))
     return spec.disks
 
 
 @router.post("/{vm}/disks", status_code=202, response_model=None, responses=ACCEPTED)
 async def add_disk(vm: str, body: NewDiskSpec, request: Request, user: Configurer) -> JSONResponse:
     """Add a new or imported disk; hot-plugged while the VM runs (a task: imports take time)."""
-    service = _service(request)
-    name = _name(request, vm)
+    service = service_of(request)
+    name = vm_name(request, vm)
 
     async def work(progress: Progress) -> DiskSpec:
         return await service.add_disk(name, body)
@@ -172,7 +173,7 @@ async def add_disk(vm: str, body: NewDiskSpec, request: Request, user: Configure
 async def remove_disk(
     vm: str, disk: str, request: Request, user: Configurer, keep_file: bool = False
 ) -> Response:
-    await _service(request).remove_disk(_name(request, vm), disk, keep_file=keep_file)
+    await service_of(request).remove_disk(vm_name(request, vm), disk, keep_file=keep_file)
     return Response(status_code=204)
 
 
@@ -181,8 +182,8 @@ async def resize_disk(
     vm: str, disk: str, body: DiskResize, request: Request, user: Configurer
 ) -> JSONResponse:
     """Grow a disk, online while the VM runs (a task, as every disk operation)."""
-    service = _service(request)
-    name = _name(request, vm)
+    service = service_of(request)
+    name = vm_name(request, vm)
 
     async def work(progress: Progress) -> DiskSpec:
         return await service.resize_disk(name, disk, body.size)
@@ -192,9 +193,9 @@ async def resize_disk(
 
 @router.put("/{vm}/cdrom", response_model=CdromSpec)
 async def insert_cdrom(vm: str, body: CdromInsert, request: Request, user: Configurer) -> CdromSpec:
-    return await _service(request).insert_cdrom(_name(request, vm), Path(body.path))
+    return await service_of(request).insert_cdrom(vm_name(request, vm), Path(body.path))
 
 
 @router.delete("/{vm}/cdrom", response_model=CdromSpec)
 async def eject_cdrom(vm: str, request: Request, user: Configurer) -> CdromSpec:
-    return await _service(request).eject_cdrom(_name(request, vm))
+    return await service_of(request).eject_cdrom(vm_name(request, vm))

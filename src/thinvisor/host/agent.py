@@ -16,7 +16,7 @@ from pathlib import Path
 from thinvisor.auth import LoginThrottle, User, UserStore
 from thinvisor.config import HostConfig
 from thinvisor.errors import ThinvisorError, TooManyAttempts, Unauthenticated
-from thinvisor.host import ovf_io, snapshots
+from thinvisor.host import memory, ovf_io, snapshots
 from thinvisor.host.engine import process
 from thinvisor.host.events import EventLog
 from thinvisor.host.service import HostService
@@ -40,9 +40,12 @@ class HostAgent:
         self.tasks = TaskManager(self.events)
         self.users = UserStore(config.state_dir / "users.json")
         self.throttle = LoginThrottle()
-        self.stats = StatsSampler(self.service.inventory, config.state_dir / "stats")
+        self.stats = StatsSampler(
+            self.service.inventory, config.state_dir / "stats", interval_s=config.stats.interval_s
+        )
         self._background: list[asyncio.Task[object]] = []
         self._running: dict[str, bool] = {}
+        self._ksm_before: memory.KsmSettings | None = None
         self.tls_fingerprint: str | None = None  # set by the server once TLS is set up
 
     @property
@@ -94,7 +97,9 @@ class HostAgent:
             self.events.emit(
                 "vm.snapshot_repair_failed", "snapshot repair failed", object=f"vm/{name}"
             )
+        await self._take_memory_and_cgroups()
         self._background.append(asyncio.create_task(self._watch(), name="vm-watcher"))
+        self._background.append(asyncio.create_task(self._rebalance(), name="balloons"))
         self._background.append(asyncio.create_task(self.stats.run(), name="stats-sampler"))
         if autostart:
             self._background.append(asyncio.create_task(self.autostart(), name="autostart"))
@@ -108,6 +113,9 @@ class HostAgent:
                 await task
         self._background.clear()
         await self.stats.close()
+        if self._ksm_before is not None:
+            await asyncio.to_thread(memory.restore_ksm, self._ksm_before)
+            self._ksm_before = None
         await self.tasks.close()
         self.events.emit("agent.stopped", "host agent stopped; VMs keep running")
 
@@ -151,6 +159,31 @@ class HostAgent:
                 stopped.append(name)
         return stopped
 
+    async def _take_memory_and_cgroups(self) -> None:
+        """KSM on as configured; the cgroups of VMs that no longer run removed."""
+        self._ksm_before = await asyncio.to_thread(memory.start_ksm, self.config.memory)
+        running = [
+            e.spec.uuid
+            for e in self.service.inventory.entries()
+            if e.spec is not None and process.running_pid(e.paths) is not None
+        ]
+        try:
+            removed = await asyncio.to_thread(self.service.controls.sweep, running)
+        except ThinvisorError as exc:
+            log.warning("cannot remove stale cgroups: %s", exc)
+        else:
+            if removed:
+                log.info("removed the cgroups of %d VMs no longer running", len(removed))
+
+    async def _rebalance(self) -> None:
+        """Balloon targets by shares, every ``rebalance_interval_s`` (host memory pressure)."""
+        while True:
+            await asyncio.sleep(self.config.memory.rebalance_interval_s)
+            try:
+                await memory.rebalance(self.service.inventory, self.config.memory)
+            except Exception:
+                log.exception("balloon rebalancing failed")
+
     async def _watch(self) -> None:
         rounds = 0
         while True:
@@ -158,7 +191,7 @@ class HostAgent:
             rounds += 1
             try:
                 for spec in self._check_vms():
-                    await self.service.network.vm_stopped(spec)
+                    await self.service.vm_gone(spec)
                 if rounds % SUPERVISE_EVERY == 0:
                     await self.service.network.supervise()
             except Exception:

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from thinvisor.appliance import Appliance, build_appliance, find_appliance
 from thinvisor.config import HostConfig
 from thinvisor.errors import (
@@ -30,7 +32,7 @@ from thinvisor.errors import (
     QemuError,
 )
 from thinvisor.fs import fsync_dir
-from thinvisor.host import clones, diskops, hostinfo, memory, nics, ovf_io, snapshots
+from thinvisor.host import admission, clones, diskops, hostinfo, memory, nics, ovf_io, snapshots
 from thinvisor.host.chains import own_files, real, users_of
 from thinvisor.host.context import current_user
 from thinvisor.host.datastores import DatastoreService
@@ -42,6 +44,7 @@ from thinvisor.host.engine.qmp import Monitor
 from thinvisor.host.events import EventLog
 from thinvisor.host.inventory import CREATING, DELETING, Inventory, VmEntry, save_spec
 from thinvisor.host.networking import NetworkService, close_fds
+from thinvisor.host.resources import ResourceControls
 from thinvisor.host.state import (
     Action,
     PowerState,
@@ -51,7 +54,7 @@ from thinvisor.host.state import (
 )
 from thinvisor.host.tasks import Progress
 from thinvisor.model.create import NewDiskSpec, NewNicSpec, NicUpdate, VmCreate
-from thinvisor.model.resources import DiskLimits
+from thinvisor.model.resources import DiskLimits, ResourceUpdate
 from thinvisor.model.vm import (
     CdromSpec,
     DiskSpec,
@@ -59,6 +62,7 @@ from thinvisor.model.vm import (
     NicSpec,
     VmSpec,
     VmUpdate,
+    invalid_argument,
     validate,
 )
 from thinvisor.storage.disk import Images
@@ -142,6 +146,7 @@ class HostService:
         self._accel_fn = accel or (lambda: choose_accel(config.accel))
         self._facts = facts
         self.network = NetworkService(config, self.inventory, emit=self._emit_about)
+        self.controls = ResourceControls(lambda: self._facts().core_mhz)
         self.datastores = DatastoreService(self, emit=self._emit_about)
 
     def _emit_about(self, kind: str, obj: str, message: str, **data: Any) -> None:
@@ -478,6 +483,36 @@ class HostService:
             self.emit("vm.reconfigured", name, f"reconfigured: {', '.join(what) or 'nothing'}")
         return await self.get_vm(name)
 
+    async def set_resources(self, name: str, update: ResourceUpdate) -> VmInfo:
+        """Change a VM's shares, reservations and limits, at once on a running VM.
+
+        A larger reservation on a running VM must pass admission control; a new memory
+        limit also brings a running guest's balloon down to it (or back up).
+        """
+        async with self.inventory.lock(name):
+            entry, spec = self.inventory.get_valid(name)
+            try:
+                resources = update.apply(spec.resources)
+            except ValidationError as exc:
+                raise invalid_argument(exc, "resources.") from None
+            new = validate(VmSpec, {**spec.model_dump(), "resources": resources.model_dump()})
+            state, _, _ = await self.state_of(entry)
+            live = state in (PowerState.RUNNING, PowerState.PAUSED)
+            if live:
+                self._admit(new)
+                await asyncio.to_thread(self.controls.update, new)
+                if (
+                    resources.balloon
+                    and resources.memory_limit_mib != spec.resources.memory_limit_mib
+                ):
+                    target = resources.memory_limit_mib or spec.memory_mib
+                    async with Monitor(name, entry.paths.qmp_socket) as mon:
+                        await mon.balloon(target << 20)
+            save_spec(entry.paths, new)
+            changed = ", ".join(sorted(update.model_fields_set)) or "nothing"
+            self.emit("vm.reconfigured", name, f"resources changed: {changed}")
+        return await self.get_vm(name)
+
     def resolve(self, ref: str) -> str:
         """A VM's name from its name or its UUID."""
         if self.inventory.find(ref) is not None:
@@ -521,11 +556,17 @@ class HostService:
         return await self.get_vm(name)
 
     async def _launch(self, entry: VmEntry, spec: VmSpec, *, incoming: bool) -> None:
+        self._admit(spec)
         accel = self.accel()
         log.info("vm %s: starting QEMU with %s (%s)", spec.name, accel.name, accel.reason)
+        cgroup_procs = await asyncio.to_thread(self.controls.prepare, spec)
         # The TAPs are made here and handed to QEMU as descriptors; ours are closed once
         # QEMU holds them, so each TAP lives exactly as long as its QEMU.
-        taps = await self.network.open_nics(spec)
+        try:
+            taps = await self.network.open_nics(spec)
+        except BaseException:
+            await self.vm_gone(spec)
+            raise
         try:
             argv = build_argv(
                 spec,
@@ -536,13 +577,18 @@ class HostService:
                 tsc_khz=hostinfo.tsc_khz(),
                 tap_fds=taps,
             )
-            process.spawn(argv, entry.paths, pass_fds=list(taps.values()))
+            process.spawn(
+                argv, entry.paths, pass_fds=list(taps.values()), cgroup_procs=cgroup_procs
+            )
+        except BaseException:
+            await self.vm_gone(spec)
+            raise
         finally:
             close_fds(taps)
         try:
             await process.wait_started(entry.paths)
         except BaseException:
-            await self.network.vm_stopped(spec)
+            await self.vm_gone(spec)
             raise
         unplugged = [nic.name for nic in spec.nics if not nic.connected]
         limited = [d for d in spec.disks if d.limits is not None and not d.limits.is_unlimited()]
@@ -633,7 +679,32 @@ class HostService:
             process.kill(pid)
             await process.wait_gone(entry.paths, pid, 10)
         if entry.spec is not None:
-            await self.network.vm_stopped(entry.spec)
+            await self.vm_gone(entry.spec)
+
+    async def vm_gone(self, spec: VmSpec) -> None:
+        """Tidy up after a VM's QEMU has ended: its switch ports, its cgroups."""
+        await self.network.vm_stopped(spec)
+        await asyncio.to_thread(self.controls.release, spec)
+
+    def _admit(self, spec: VmSpec) -> None:
+        """Refuse to start ``spec`` if its reservations do not fit (admission control)."""
+        new = admission.reserved_by(spec.resources)
+        if not (new.cpu_mhz or new.memory_mib):
+            return
+        running = [
+            admission.reserved_by(e.spec.resources)
+            for e in self.inventory.entries()
+            if e.spec is not None and e.name != spec.name and process.running_pid(e.paths)
+        ]
+        facts, keep = self._facts(), self.config.reservations
+        cap = admission.capacity(
+            facts.cpus,
+            facts.core_mhz,
+            facts.memory_total_mib,
+            host_cpu_mhz=keep.host_cpu_mhz,
+            host_memory_mib=keep.host_memory_mib,
+        )
+        admission.check_admission(spec.name, new, running, cap)
 
     async def shutdown(self, name: str, timeout: float | None = None) -> VmInfo:
         """ACPI power button; a hard power off if the guest has not gone after ``timeout``."""
@@ -649,6 +720,8 @@ class HostService:
                 await self._force_off(entry, reason)
                 self.emit("vm.powered_off", name, reason)
             else:
+                if entry.spec is not None:
+                    await self.vm_gone(entry.spec)
                 self.emit("vm.powered_off", name, "guest shut down")
         return await self.get_vm(name)
 
@@ -686,7 +759,7 @@ class HostService:
     async def suspend(self, name: str) -> VmInfo:
         """Save the VM's memory and device state to disk, then end QEMU."""
         async with self.inventory.lock(name):
-            entry, _, _ = await self._locked_state(name, Action.SUSPEND)
+            entry, spec, _ = await self._locked_state(name, Action.SUSPEND)
             pid = process.running_pid(entry.paths)
             final = entry.paths.suspend_state
             partial = final.with_name(PARTIAL_STATE)
@@ -709,6 +782,7 @@ class HostService:
                 os.close(fd)
             if pid is not None:
                 await process.wait_gone(entry.paths, pid, 30)
+            await self.vm_gone(spec)
             # Only once QEMU is gone does the state file become the VM's truth.
             partial.rename(final)
             fsync_dir(final.parent)

@@ -55,8 +55,6 @@ from thinvisor.network.netlink import tap_name
 log = logging.getLogger(__name__)
 
 INTERVAL_S = 20.0
-# Tests sample faster: the agent's interval, when this variable holds a number of seconds.
-INTERVAL_ENV = "THINVISOR_STATS_INTERVAL_S"
 REALTIME_S = 3600.0
 ROLLUP_S = 300
 DAY_S = 86400
@@ -93,16 +91,6 @@ HOST_SERIES = (
     "memory_ballooned_bytes",
     "vms_running",
 )
-
-
-def interval_from_env(default: float = INTERVAL_S) -> float:
-    """The sampling interval: ``THINVISOR_STATS_INTERVAL_S`` when it is a positive
-    number, else ``default``."""
-    try:
-        value = float(os.environ.get(INTERVAL_ENV, ""))
-    except ValueError:
-        return default
-    return value if math.isfinite(value) and value > 0 else default
 
 
 # --- What the API serves ----------------------------------------------------------------
@@ -672,7 +660,7 @@ class StatsSampler:
             if inventory is None:
                 raise ValueError("give an inventory or a way to list the running VMs")
             vms = partial(running_vms, inventory)
-        self.interval_s = interval_s if interval_s is not None else interval_from_env()
+        self.interval_s = interval_s if interval_s is not None else INTERVAL_S
         self.capacity = math.ceil(REALTIME_S / self.interval_s) + 1
         self.archive = DayArchive(directory) if directory is not None else None
         self.qmp_timeout_s = qmp_timeout_s

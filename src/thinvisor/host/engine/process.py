@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import re
+import shlex
 import signal
 import struct
 import subprocess
@@ -128,10 +129,18 @@ def _prepare_run_dir(paths: VmPaths) -> None:
         stale.unlink(missing_ok=True)
 
 
-def spawn(argv: list[str], paths: VmPaths, *, pass_fds: Sequence[int] = ()) -> None:
+def spawn(
+    argv: list[str],
+    paths: VmPaths,
+    *,
+    pass_fds: Sequence[int] = (),
+    cgroup_procs: Sequence[Path] = (),
+) -> None:
     """Start QEMU in its own session, detached, its output appended to ``qemu.log``.
 
-    ``pass_fds`` (TAP devices) are inherited by QEMU under the same numbers.
+    ``pass_fds`` (TAP devices) are inherited by QEMU under the same numbers. The
+    launcher writes its pid into each of ``cgroup_procs`` before it execs QEMU, so that
+    QEMU runs in the VM's cgroups from its first instruction.
     """
     if running_pid(paths) is not None:
         raise QemuError(f"QEMU is already running for {paths.vm_dir.name}")
@@ -143,7 +152,8 @@ def spawn(argv: list[str], paths: VmPaths, *, pass_fds: Sequence[int] = ()) -> N
         logf.flush()
         # setsid -f forks: QEMU is reparented to init and outlives this process. The
         # shell records its own pid, which exec hands on to QEMU.
-        script = 'echo $$ > "$0"; exec "$@"'
+        enter = "".join(f"echo $$ > {shlex.quote(str(f))} || exit 125; " for f in cgroup_procs)
+        script = f'echo $$ > "$0"; {enter}exec "$@"'
         try:
             subprocess.run(
                 ["setsid", "-f", "sh", "-c", script, str(launch_pid), *argv],
