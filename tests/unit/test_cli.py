@@ -211,3 +211,32 @@ def test_tables_print_macs_and_fingerprints_literally() -> None:
     with con.capture() as captured:
         con.print("02:ab:76:ab:00:01 AF:85:7E:AB:67")
     assert captured.get().strip() == "02:ab:76:ab:00:01 AF:85:7E:AB:67"
+
+
+def test_resources_of_a_stopped_vm(env: dict[str, str]) -> None:
+    tv(env, "vm", "create", "vm1", "--memory", "256", "--disk", "64M")
+    tv(env, "vm", "resources", "vm1", "--cpu-shares", "high", "--memory-limit", "128")
+    shown = json.loads(tv(env, "vm", "resources", "vm1", "--json"))
+    assert (shown["cpu_shares"], shown["memory_limit_mib"], shown["cpu_limit_mhz"]) == (
+        "high",
+        128,
+        None,
+    )
+    assert "cpu shares" in tv(env, "vm", "resources", "vm1")
+    # A limit below the reservation, shares out of range: one line, nothing changed.
+    assert tv(env, "vm", "resources", "vm1", "--memory-reservation", "200", code=1) == (
+        "error: resources: memory_limit_mib must not be below "
+        "memory_reservation_mib\n"
+    )
+    assert tv(env, "vm", "resources", "vm1", "--cpu-shares", "0", code=1).startswith(
+        "error: cpu_shares:"
+    )
+    assert json.loads(tv(env, "vm", "resources", "vm1", "--json")) == shown
+    tv(env, "vm", "resources", "vm1", "--memory-limit", "0")
+    assert json.loads(tv(env, "vm", "resources", "vm1", "--json"))["memory_limit_mib"] is None
+    # Disk limits are kept in the spec; a balloon needs a running VM.
+    assert "iops_total 500" in tv(env, "vm", "disk", "limits", "vm1", "disk0", "--iops", "500")
+    disk = json.loads(tv(env, "vm", "show", "vm1", "--json"))["spec"]["disks"][0]
+    assert disk["limits"]["iops_total"] == 500
+    assert tv(env, "vm", "disk", "limits", "vm1", "disk0", "--iops", "5", "--iops-read", "1", code=1)
+    assert "stopped" in tv(env, "vm", "balloon", "vm1", "128", code=1)

@@ -23,7 +23,7 @@ import termios
 import threading
 import time
 import tty
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO, Protocol
@@ -66,6 +66,7 @@ from thinvisor.host.datastores import download_target, file_chunks, local_source
 from thinvisor.host.service import vm_info_dict
 from thinvisor.host.storage_usage import VmStorage
 from thinvisor.model.create import NewDiskSpec, NewNicSpec, NicUpdate, VmCreate
+from thinvisor.model.resources import DiskLimits, ResourceUpdate
 from thinvisor.model.vm import CdromSpec, DiskSpec, NicSpec, VmSpec, VmUpdate
 from thinvisor.network.model import PortGroupSpec, SwitchSpec
 from thinvisor.storage.datastore import Datastore, FileEntry, write_stream
@@ -487,6 +488,27 @@ class RemoteHost:
     async def update_vm(self, name: str, update: VmUpdate) -> RemoteVmInfo:
         body = update.model_dump(mode="json", include=update.model_fields_set)
         return await self._vm("PATCH", _vm_path(name), name, body=body)
+
+    async def set_resources(self, name: str, update: ResourceUpdate) -> RemoteVmInfo:
+        body = update.model_dump(mode="json", include=update.model_fields_set)
+        return await self._vm("PATCH", _vm_path(name, "resources"), name, body=body)
+
+    async def set_limits(
+        self,
+        name: str,
+        *,
+        disks: Mapping[str, DiskLimits | None] | None = None,
+        balloon_mib: int | None = None,
+    ) -> RemoteVmInfo:
+        info = None
+        for disk, limits in (disks or {}).items():
+            body = (limits or DiskLimits()).model_dump(mode="json", exclude_none=True)
+            path = _vm_path(name, "disks", disk, "limits")
+            info = await self._vm("PUT", path, name, body=body)
+        if balloon_mib is not None:
+            body = {"target_mib": balloon_mib}
+            info = await self._vm("PUT", _vm_path(name, "balloon"), name, body=body)
+        return info if info is not None else await self.get_vm(name)
 
     async def delete_vm(self, name: str) -> None:
         await self.call("DELETE", _vm_path(name))

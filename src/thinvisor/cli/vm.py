@@ -13,7 +13,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from thinvisor.cli import common, remote, stats, vmstorage
+from thinvisor.cli import common, remote, resources, stats, vmstorage
 from thinvisor.cli.remote import VmView
 from thinvisor.console import serial
 from thinvisor.errors import InvalidArgument, ThinvisorError
@@ -42,6 +42,7 @@ app.add_typer(disk_app, name="disk")
 app.add_typer(cdrom_app, name="cdrom")
 app.add_typer(nic_app, name="nic")
 vmstorage.register(app, disk_app)
+resources.register(app, disk_app)
 
 NameArg = Annotated[str, typer.Argument(help="The VM's name.")]
 NicArg = Annotated[str, typer.Argument(help="The NIC's name, like net0.")]

@@ -15,14 +15,27 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Self
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidatorFunctionWrapHandler, WrapValidator, model_validator
 
 from thinvisor.model.base import StrictModel
 
 SHARES_MIN = 1
 SHARES_MAX = 1_000_000
 ShareLevel = Literal["low", "normal", "high"]
-Shares = ShareLevel | Annotated[int, Field(ge=SHARES_MIN, le=SHARES_MAX)]
+
+
+def _check_shares(value: object, handler: ValidatorFunctionWrapHandler) -> object:
+    # One message for the whole union, rather than one per member.
+    if value in ("low", "normal", "high"):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool) and SHARES_MIN <= value <= SHARES_MAX:
+        return value
+    raise ValueError(f"must be low, normal, high or a number from {SHARES_MIN} to {SHARES_MAX}")
+
+
+Shares = Annotated[
+    ShareLevel | Annotated[int, Field(ge=SHARES_MIN, le=SHARES_MAX)], WrapValidator(_check_shares)
+]
 #: ESXi's shares per vCPU and per MiB of guest memory for each level.
 CPU_SHARES_PER_VCPU: dict[ShareLevel, int] = {"low": 500, "normal": 1000, "high": 2000}
 MEMORY_SHARES_PER_MIB: dict[ShareLevel, int] = {"low": 5, "normal": 10, "high": 20}

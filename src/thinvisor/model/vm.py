@@ -335,6 +335,8 @@ def invalid_argument(exc: ValidationError, prefix: str = "") -> InvalidArgument:
     """The first problem of a pydantic ``ValidationError`` as one ``InvalidArgument``."""
     first = exc.errors()[0]
     field = _field_of(first)
+    if prefix and field == "spec":  # the object under the prefix as a whole
+        return InvalidArgument(prefix.rstrip("."), _reason_of(first))
     return InvalidArgument(f"{prefix}{field}" if prefix else field, _reason_of(first))
 
 
