@@ -123,6 +123,21 @@ class MemoryConfig(StrictModel):
         return self.low_water_mib if self.low_water_mib is not None else host_total_mib * 6 // 100
 
 
+class IsolationConfig(StrictModel):
+    """How each VM's QEMU is locked down (``thinvisor.host.isolation``)."""
+
+    # Off: QEMU runs as root and sees the whole host (for debugging only).
+    enabled: bool = True
+    # The unprivileged system user (and group) QEMU runs as; made when missing.
+    user: str = "thinvisor-qemu"
+    # Each VM's QEMU its own uid from uid_base up (the user's group kept): one VM's
+    # QEMU can then neither signal, trace nor read another's.
+    per_vm_users: bool = False
+    uid_base: int = Field(default=1_900_000, ge=1000, le=2**31 - 70_000)
+    # QEMU in a mount namespace where only the VM's own files exist.
+    mount_namespace: bool = True
+
+
 class StatsConfig(StrictModel):
     """Performance statistics (``thinvisor.host.stats``)."""
 
@@ -157,6 +172,7 @@ class HostConfig(StrictModel):
     memory: MemoryConfig = Field(default_factory=MemoryConfig)
     reservations: ReservationConfig = Field(default_factory=ReservationConfig)
     stats: StatsConfig = Field(default_factory=StatsConfig)
+    isolation: IsolationConfig = Field(default_factory=IsolationConfig)
 
     @field_validator("datastores")
     @classmethod

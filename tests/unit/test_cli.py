@@ -225,8 +225,7 @@ def test_resources_of_a_stopped_vm(env: dict[str, str]) -> None:
     assert "cpu shares" in tv(env, "vm", "resources", "vm1")
     # A limit below the reservation, shares out of range: one line, nothing changed.
     assert tv(env, "vm", "resources", "vm1", "--memory-reservation", "200", code=1) == (
-        "error: resources: memory_limit_mib must not be below "
-        "memory_reservation_mib\n"
+        "error: resources: memory_limit_mib must not be below memory_reservation_mib\n"
     )
     assert tv(env, "vm", "resources", "vm1", "--cpu-shares", "0", code=1).startswith(
         "error: cpu_shares:"
@@ -238,5 +237,7 @@ def test_resources_of_a_stopped_vm(env: dict[str, str]) -> None:
     assert "iops_total 500" in tv(env, "vm", "disk", "limits", "vm1", "disk0", "--iops", "500")
     disk = json.loads(tv(env, "vm", "show", "vm1", "--json"))["spec"]["disks"][0]
     assert disk["limits"]["iops_total"] == 500
-    assert tv(env, "vm", "disk", "limits", "vm1", "disk0", "--iops", "5", "--iops-read", "1", code=1)
+    assert tv(
+        env, "vm", "disk", "limits", "vm1", "disk0", "--iops", "5", "--iops-read", "1", code=1
+    )
     assert "stopped" in tv(env, "vm", "balloon", "vm1", "128", code=1)

@@ -165,6 +165,7 @@ async def _mirror(
 ) -> None:
     size = (await service.images.info(entry.paths.resolve(disk.path))).virtual_size
     await service.images.create(target, disk.format, size)
+    await service.isolation.grant(spec, entry.paths, target, writable=True)
     node = f"{disk.name}-om{int(time.monotonic() * 1000)}"
     job_id = f"mirror-{disk.name}-{int(time.monotonic() * 1000)}"
     sock = entry.paths.qmp_socket

@@ -43,6 +43,7 @@ from thinvisor.host.engine.paths import SUSPEND_STATE_NAME, VmPaths
 from thinvisor.host.engine.qmp import Monitor
 from thinvisor.host.events import EventLog
 from thinvisor.host.inventory import CREATING, DELETING, Inventory, VmEntry, save_spec
+from thinvisor.host.isolation import Isolation
 from thinvisor.host.networking import NetworkService, close_fds
 from thinvisor.host.resources import ResourceControls
 from thinvisor.host.state import (
@@ -147,6 +148,7 @@ class HostService:
         self._facts = facts
         self.network = NetworkService(config, self.inventory, emit=self._emit_about)
         self.controls = ResourceControls(lambda: self._facts().core_mhz)
+        self.isolation = Isolation(config, self.images)
         self.datastores = DatastoreService(self, emit=self._emit_about)
 
     def _emit_about(self, kind: str, obj: str, message: str, **data: Any) -> None:
@@ -559,6 +561,7 @@ class HostService:
         self._admit(spec)
         accel = self.accel()
         log.info("vm %s: starting QEMU with %s (%s)", spec.name, accel.name, accel.reason)
+        jail = await self.isolation.prepare(spec, entry.paths)
         cgroup_procs = await asyncio.to_thread(self.controls.prepare, spec)
         # The TAPs are made here and handed to QEMU as descriptors; ours are closed once
         # QEMU holds them, so each TAP lives exactly as long as its QEMU.
@@ -578,7 +581,11 @@ class HostService:
                 tap_fds=taps,
             )
             process.spawn(
-                argv, entry.paths, pass_fds=list(taps.values()), cgroup_procs=cgroup_procs
+                argv,
+                entry.paths,
+                pass_fds=list(taps.values()),
+                cgroup_procs=cgroup_procs,
+                jail=jail,
             )
         except BaseException:
             await self.vm_gone(spec)
@@ -819,6 +826,10 @@ class HostService:
 
     async def _hotplug_disk(self, entry: VmEntry, spec: VmSpec, disk: DiskSpec) -> None:
         file_node, fmt_node = disk_nodes(disk, entry.paths)
+        writable = not disk.readonly
+        await self.isolation.grant(
+            spec, entry.paths, entry.paths.resolve(disk.path), writable=writable
+        )
         assert disk.slot is not None
         device = {
             "driver": "virtio-blk-pci",
@@ -893,6 +904,7 @@ class HostService:
                 raise InvalidArgument("cdrom", f"vm {name!r} has no CD-ROM drive")
             full = self._existing_path(iso, "iso", entry.paths.vm_dir)
             if state is not PowerState.STOPPED:
+                await self.isolation.grant(spec, entry.paths, full, writable=False)
                 async with Monitor(name, entry.paths.qmp_socket) as mon:
                     await mon.change_medium("cdrom0", str(full))
             cdrom = spec.cdrom.model_copy(update={"path": str(full)})

@@ -319,6 +319,8 @@ async def _prepare(service: HostService, t: _Taking) -> None:
         active = paths.resolve(disk.path)
         await service.images.create_overlay(overlay, backing_ref(overlay, active), disk.format)
         t.overlays[disk.name] = overlay
+        if t.live:
+            await service.isolation.grant(t.spec, paths, overlay, writable=True)
     t.directory.mkdir(parents=True)
     atomic_write(t.directory / SPEC_NAME, dump_spec(t.spec))
     if t.live and t.was_running:

@@ -22,14 +22,17 @@ import shlex
 import signal
 import struct
 import subprocess
+import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from thinvisor.errors import QemuError
 from thinvisor.fs import atomic_write, tail
 from thinvisor.host.engine.paths import VmPaths
+
+JAIL_SCRIPT = Path(__file__).with_name("jail.py")
 
 log = logging.getLogger(__name__)
 
@@ -125,8 +128,11 @@ def _prepare_run_dir(paths: VmPaths) -> None:
     paths.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     paths.logs_dir.mkdir(parents=True, exist_ok=True)
     for stale in paths.run_dir.iterdir():
-        # Sockets, pidfile and stop record of an earlier run.
-        stale.unlink(missing_ok=True)
+        # Sockets, pidfile and stop record of an earlier run; the jail's empty root.
+        if stale.is_dir() and not stale.is_symlink():
+            stale.rmdir()
+        else:
+            stale.unlink(missing_ok=True)
 
 
 def spawn(
@@ -135,16 +141,20 @@ def spawn(
     *,
     pass_fds: Sequence[int] = (),
     cgroup_procs: Sequence[Path] = (),
+    jail: Mapping[str, object] | None = None,
 ) -> None:
     """Start QEMU in its own session, detached, its output appended to ``qemu.log``.
 
     ``pass_fds`` (TAP devices) are inherited by QEMU under the same numbers. The
     launcher writes its pid into each of ``cgroup_procs`` before it execs QEMU, so that
-    QEMU runs in the VM's cgroups from its first instruction.
+    QEMU runs in the VM's cgroups from its first instruction. With ``jail`` (see
+    ``engine/jail.py``) QEMU is exec'd through the jail launcher, which drops privileges.
     """
     if running_pid(paths) is not None:
         raise QemuError(f"QEMU is already running for {paths.vm_dir.name}")
     _prepare_run_dir(paths)
+    if jail is not None:
+        argv = _jailed(argv, paths, jail)
     launch_pid = paths.run_dir / "launch.pid"
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     with paths.qemu_log.open("ab") as logf:
@@ -166,6 +176,19 @@ def spawn(
             )
         except (OSError, subprocess.CalledProcessError) as exc:
             raise QemuError(f"cannot start QEMU: {exc}") from exc
+
+
+def _jailed(argv: list[str], paths: VmPaths, jail: Mapping[str, object]) -> list[str]:
+    """``argv`` run through the jail launcher; its spec written next to the pidfile."""
+    spec_file = paths.run_dir / "jail.json"
+    spec_file.write_text(json.dumps(jail))
+    root = jail.get("root")
+    if isinstance(root, str):
+        Path(root).mkdir(mode=0o755, exist_ok=True)
+    uid, gid = jail.get("uid"), jail.get("gid")
+    if isinstance(uid, int) and isinstance(gid, int):
+        os.chown(paths.run_dir, uid, gid)  # QEMU makes its sockets and pidfile there
+    return [sys.executable, "-I", "-S", str(JAIL_SCRIPT), "launch", str(spec_file), "--", *argv]
 
 
 async def wait_started(paths: VmPaths, timeout: float = 30.0) -> int:
