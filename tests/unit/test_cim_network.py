@@ -329,6 +329,7 @@ def test_the_profiles_are_registered_with_their_central_instances(
         ("Virtual Ethernet Switch", "1.0.0"),
         ("Ethernet Port Resource Virtualization", "1.0.0"),
         ("Virtual System Snapshot Service", "1.0.0"),  # the snapshots module's
+        ("Base Metrics", "1.0.1"),  # the metrics module's
         *((p.name, p.version) for p in interop.PROFILES),
     } == names
     expected = {

@@ -276,7 +276,11 @@ def test_the_service_is_hosted_with_its_capabilities(
 ) -> None:
     services = associators(repository, host, host_path(), "CIM_HostedService")
     names = {s.classname: s for s in services}
-    assert set(names) == {"TV_VirtualSystemManagementService", "TV_VirtualSystemSnapshotService"}
+    assert set(names) == {
+        "TV_VirtualSystemManagementService",
+        "TV_VirtualSystemSnapshotService",
+        "TV_MetricService",  # the metrics module's
+    }
     service = names["TV_VirtualSystemSnapshotService"]
     assert service.path == service_path() and service["Started"] is True
     [caps] = associators(repository, host, service.path, "CIM_ElementCapabilities")

@@ -106,6 +106,13 @@ SCHEMA_CLASSES: tuple[str, ...] = (
     # Virtual Ethernet Switch (DSP1097), Ethernet Port Resource Virtualization (DSP1050)
     "CIM_VirtualEthernetSwitchSettingData",
     "CIM_DeviceConnection",
+    # Base Metrics (DSP1053)
+    "CIM_BaseMetricDefinition",
+    "CIM_BaseMetricValue",
+    "CIM_MetricDefForME",
+    "CIM_MetricInstance",
+    "CIM_MetricForME",
+    "CIM_MetricService",
     # Devices of hosts and VMs, and jobs (thinvisor's tasks)
     "CIM_LogicalDisk",
     "CIM_EthernetPort",

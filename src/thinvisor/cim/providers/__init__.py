@@ -20,17 +20,27 @@ from thinvisor.cim.provider import (
 
 def default_registry() -> Registry:
     """Every provider of the host's CIM server."""
-    from thinvisor.cim.providers import hardware, interop, logs, network, snapshots, virtualization
+    from thinvisor.cim.providers import (
+        hardware,
+        interop,
+        logs,
+        metrics,
+        network,
+        snapshots,
+        virtualization,
+    )
 
     found = [
-        *interop.providers(extra=[*network.profiles(), *snapshots.profiles()]),
+        *interop.providers(extra=[*network.profiles(), *snapshots.profiles(), *metrics.profiles()]),
         *hardware.providers(),
         *logs.providers(),
         *virtualization.providers(),
         *network.providers(),
         *snapshots.providers(),
+        *metrics.providers(),
     ]
-    return Registry(extended(found, [*network.extensions(), *snapshots.extensions()]))
+    extensions = [*network.extensions(), *snapshots.extensions(), *metrics.extensions()]
+    return Registry(extended(found, extensions))
 
 
 def extended(
