@@ -15,7 +15,8 @@ from types import TracebackType
 from typing import Any, Self
 
 from qemu.qmp import EventListener, QMPClient, QMPError
-from qemu.qmp.qmp_client import ExecuteError
+from qemu.qmp.protocol import ConnectError
+from qemu.qmp.qmp_client import ExecuteError, NegotiationError
 
 from thinvisor.errors import QemuError
 from thinvisor.model.resources import DiskLimits
@@ -23,6 +24,7 @@ from thinvisor.model.resources import DiskLimits
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_S = 10.0
+NEGOTIATION_TRIES = 3
 COMMAND_TIMEOUT_S = 60.0
 #: ``DiskLimits`` fields -> QMP's throttle arguments (query-block reports the same names).
 THROTTLE_FIELDS = {
@@ -45,13 +47,24 @@ class Monitor:
         self._client = QMPClient(f"thinvisor:{vm}")
 
     async def __aenter__(self) -> Self:
-        try:
-            await asyncio.wait_for(self._client.connect(str(self.socket)), self.connect_timeout)
-        except (QMPError, OSError, TimeoutError) as exc:
-            raise QemuError(
-                f"vm {self.vm!r}: cannot connect to QMP at {self.socket}: {exc}"
-            ) from exc
-        return self
+        for attempt in range(1, NEGOTIATION_TRIES + 1):
+            try:
+                connect = self._client.connect(str(self.socket))
+                await asyncio.wait_for(connect, self.connect_timeout)
+                return self
+            except ConnectError as exc:
+                # An event QEMU sends (a block job's, say) can overtake the answer to
+                # qmp_capabilities, which qemu.qmp does not expect: a new session then.
+                if isinstance(exc.exc, NegotiationError) and attempt < NEGOTIATION_TRIES:
+                    log.debug("vm %s: QMP negotiation failed, again: %s", self.vm, exc)
+                    continue
+                raise self._failed(exc) from exc
+            except (QMPError, OSError, TimeoutError) as exc:
+                raise self._failed(exc) from exc
+        raise AssertionError("unreachable")
+
+    def _failed(self, exc: BaseException) -> QemuError:
+        return QemuError(f"vm {self.vm!r}: cannot connect to QMP at {self.socket}: {exc}")
 
     async def __aexit__(
         self,
