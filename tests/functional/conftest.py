@@ -52,6 +52,19 @@ def agent(host: TestHost) -> Iterator[TestAgent]:
 
 
 @pytest.fixture
+def sampling_agent(host: TestHost) -> Iterator[TestAgent]:
+    """A running agent that samples statistics every second instead of every 20."""
+    a = TestAgent(host)
+    with host.config_file.open("a") as f:
+        f.write("[stats]\ninterval_s = 1\n")
+    try:
+        a.start()
+        yield a
+    finally:
+        a.close()
+
+
+@pytest.fixture
 def netns() -> Iterator[NetNamespace]:
     """A network namespace of the test's own; what runs in it is killed afterwards."""
     ns = NetNamespace()

@@ -7,14 +7,12 @@ from __future__ import annotations
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
 from pywbem import CIMDateTime, CIMInstance, CIMInstanceName, WBEMConnection, WBEMServer
 
 from .agentenv import PASSWORD, TestAgent
-from .hostenv import TestHost
 from .test_api import create_appliance_vm
 from .test_cim_clients import connection
 
@@ -25,16 +23,8 @@ CPU = "thinvisor:vm:cpu_percent"
 
 
 @pytest.fixture
-def agent(host: TestHost) -> Iterator[TestAgent]:
-    """An agent that samples every second instead of every 20."""
-    a = TestAgent(host)
-    with host.config_file.open("a") as f:
-        f.write("[stats]\ninterval_s = 1\n")
-    try:
-        a.start()
-        yield a
-    finally:
-        a.close()
+def agent(sampling_agent: TestAgent) -> TestAgent:
+    return sampling_agent
 
 
 def vm_system(conn: WBEMConnection, name: str) -> CIMInstanceName:

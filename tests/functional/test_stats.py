@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -22,16 +21,8 @@ pytestmark = pytest.mark.functional
 
 
 @pytest.fixture
-def agent(host: TestHost) -> Iterator[TestAgent]:
-    """An agent that samples every second instead of every 20."""
-    a = TestAgent(host)
-    with host.config_file.open("a") as f:
-        f.write("[stats]\ninterval_s = 1\n")
-    try:
-        a.start()
-        yield a
-    finally:
-        a.close()
+def agent(sampling_agent: TestAgent) -> TestAgent:
+    return sampling_agent
 
 
 def vm_latest(c: httpx.Client, vm: str) -> dict[str, Any]:

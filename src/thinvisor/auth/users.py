@@ -15,11 +15,9 @@ pay that time each time; a changed password or a removed user is noticed at once
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import hmac
 import logging
-import os
 import secrets
 import time
 from collections.abc import Callable, Iterator
@@ -35,7 +33,7 @@ from pydantic import Field, ValidationError
 
 from thinvisor.auth.roles import Role
 from thinvisor.errors import AlreadyExists, InvalidArgument, InvalidConfig, NotFound
-from thinvisor.fs import atomic_write
+from thinvisor.fs import atomic_write, file_lock
 from thinvisor.model.base import StrictModel
 from thinvisor.model.vm import check_name
 
@@ -345,20 +343,10 @@ class UserStore:
     def _update(self) -> Iterator[_UsersFile]:
         """Lock, read a private copy, let the caller change it, write it back."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with _file_lock(self._lock_path):
+        with file_lock(self._lock_path):
             data = self._read().model_copy(deep=True)
             yield data
             atomic_write(self.path, data.model_dump_json(indent=2) + "\n", mode=0o600)
-
-
-@contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
 
 
 def _user(name: str, rec: _UserRecord) -> User:

@@ -17,8 +17,6 @@ directory is also bound into the running QEMU's namespace.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import fcntl
 import grp
 import json
 import logging
@@ -33,7 +31,7 @@ from pathlib import Path
 
 from thinvisor.config import HostConfig, IsolationConfig
 from thinvisor.errors import BackendError, InvalidConfig
-from thinvisor.fs import atomic_write
+from thinvisor.fs import atomic_write, file_lock
 from thinvisor.host.engine.paths import VmPaths
 from thinvisor.host.engine.process import JAIL_SCRIPT, running_pid
 from thinvisor.model.vm import KernelBoot, VmSpec
@@ -141,7 +139,7 @@ class Isolation:
         """The VM's own uid: the lowest free one from ``uid_base``, kept in a state file."""
         path = self.config.state_dir / UIDS_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
-        with _locked(path.with_name(UIDS_FILE + ".lock")):
+        with file_lock(path.with_name(UIDS_FILE + ".lock")):
             try:
                 table: dict[str, int] = json.loads(path.read_text())
             except FileNotFoundError:
@@ -212,13 +210,3 @@ def _uid_exists(uid: int) -> bool:
     except KeyError:
         return False
     return True
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
