@@ -7,6 +7,8 @@ import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import pytest
+
 from thinvisor.host.engine.qmp import Monitor
 
 GREETING = {"QMP": {"version": {"qemu": {"major": 7, "minor": 2, "micro": 0}}, "capabilities": []}}
@@ -14,14 +16,19 @@ EVENT = {"event": "JOB_STATUS_CHANGE", "data": {"id": "j", "status": "running"}}
 EVENT["timestamp"] = {"seconds": 0, "microseconds": 0}
 
 
-async def _serve(sock: Path, sessions: list[int]) -> asyncio.AbstractServer:
+async def _serve(sock: Path, sessions: list[int], *, stale: bool = False) -> asyncio.AbstractServer:
+    """A QMP server whose first session goes wrong: an event before the greeting when
+    ``stale`` (output left over from an earlier client), else after the handshake."""
+
     async def session(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         sessions.append(1)
-        writer.write(json.dumps(GREETING).encode() + b"\n")
         first = len(sessions) == 1
+        if first and stale:
+            writer.write(json.dumps(EVENT).encode() + b"\n")
+        writer.write(json.dumps(GREETING).encode() + b"\n")
         try:
             async for request in _requests(reader):
-                if request["execute"] == "qmp_capabilities" and first:
+                if request["execute"] == "qmp_capabilities" and first and not stale:
                     # The first session: an event overtakes the handshake's answer.
                     writer.write(json.dumps(EVENT).encode() + b"\n")
                 status = {"status": "running", "running": True, "singlestep": False}
@@ -51,12 +58,13 @@ async def _requests(reader: asyncio.StreamReader) -> AsyncIterator[dict[str, obj
             yield request
 
 
-def test_a_handshake_overtaken_by_an_event_is_tried_again(tmp_path: Path) -> None:
+@pytest.mark.parametrize("stale", [False, True], ids=["after-handshake", "before-greeting"])
+def test_a_handshake_overtaken_by_an_event_is_tried_again(tmp_path: Path, stale: bool) -> None:
     sock = tmp_path / "qmp.sock"
     sessions: list[int] = []
 
     async def go() -> str:
-        server = await _serve(sock, sessions)
+        server = await _serve(sock, sessions, stale=stale)
         async with server, Monitor("vm1", sock) as mon:
             return str(await mon.status())
 

@@ -16,7 +16,7 @@ from typing import Any, Self
 
 from qemu.qmp import EventListener, QMPClient, QMPError
 from qemu.qmp.protocol import ConnectError
-from qemu.qmp.qmp_client import ExecuteError, NegotiationError
+from qemu.qmp.qmp_client import ExecuteError, GreetingError, NegotiationError
 
 from thinvisor.errors import QemuError
 from thinvisor.model.resources import DiskLimits
@@ -54,8 +54,10 @@ class Monitor:
                 return self
             except ConnectError as exc:
                 # An event QEMU sends (a block job's, say) can overtake the answer to
-                # qmp_capabilities, which qemu.qmp does not expect: a new session then.
-                if isinstance(exc.exc, NegotiationError) and attempt < NEGOTIATION_TRIES:
+                # qmp_capabilities, and output QEMU still held for an earlier client can
+                # come before the greeting; qemu.qmp expects neither: a new session then.
+                retry = isinstance(exc.exc, NegotiationError | GreetingError)
+                if retry and attempt < NEGOTIATION_TRIES:
                     log.debug("vm %s: QMP negotiation failed, again: %s", self.vm, exc)
                     continue
                 raise self._failed(exc) from exc
