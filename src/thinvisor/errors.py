@@ -15,10 +15,16 @@ into these at the engine boundary with ``raise ... from exc``.
      +-- Busy                           409  CIM_ERR_FAILED
      +-- InsufficientResources          409  CIM_ERR_FAILED
      +-- InvalidConfig                  422  CIM_ERR_FAILED              (a corrupt vm.toml)
+     +-- Unsupported                    409  CIM_ERR_NOT_SUPPORTED       (a provider lacks a capability)
+     +-- Disconnected                   409  CIM_ERR_FAILED              (the center lost the host)
      +-- BackendError                   502  CIM_ERR_FAILED
           +-- QemuError                 (QEMU failed to start, or a QMP command failed)
           +-- ImageError                (qemu-img failed)
           +-- ApplianceBuildError       (the appliance could not be built)
+          +-- ProviderError             (a managed host's API failed: libvirt, vSphere, an agent)
+               +-- Unreachable          (no connection to the host)
+               +-- CredentialsRefused   (the host refused the center's credentials)
+               +-- CertificateMismatch  (the host's TLS certificate is not the pinned one)
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ CIM_ERR_FAILED = 1
 CIM_ERR_ACCESS_DENIED = 2
 CIM_ERR_INVALID_PARAMETER = 4
 CIM_ERR_NOT_FOUND = 6
+CIM_ERR_NOT_SUPPORTED = 7
 CIM_ERR_ALREADY_EXISTS = 11
 
 
@@ -111,6 +118,19 @@ class InvalidConfig(ThinvisorError):
     http_status = 422
 
 
+class Unsupported(ThinvisorError):
+    """The provider of a host cannot do this (it lacks the capability); nothing was done."""
+
+    http_status = 409
+    cim_status = CIM_ERR_NOT_SUPPORTED
+
+
+class Disconnected(ThinvisorError):
+    """The center has lost its connection to the host that would do this; nothing was done."""
+
+    http_status = 409
+
+
 class BackendError(ThinvisorError):
     http_status = 502
 
@@ -125,3 +145,29 @@ class ImageError(BackendError):
 
 class ApplianceBuildError(BackendError):
     pass
+
+
+class ProviderError(BackendError):
+    """A managed host's API (a thinvisor agent, libvirt, vSphere) failed."""
+
+
+class Unreachable(ProviderError):
+    """No connection to the host could be made, or it stopped answering."""
+
+
+class CredentialsRefused(ProviderError):
+    """The host refused the credentials it was given."""
+
+
+class CertificateMismatch(ProviderError):
+    """The host presented another TLS certificate than the one pinned; ``seen`` is its
+    SHA-256 fingerprint, ``pinned`` the one expected (None: none was given)."""
+
+    def __init__(self, address: str, seen: str, pinned: str | None) -> None:
+        expected = f"pinned {pinned}" if pinned else "none pinned"
+        super().__init__(
+            f"{address}: the host's certificate has fingerprint {seen} ({expected})"
+        )
+        self.address = address
+        self.seen = seen
+        self.pinned = pinned

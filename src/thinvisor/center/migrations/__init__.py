@@ -1,0 +1,1 @@
+"""The inventory's schema migrations (Alembic), run by ``thinvisor.center.db``."""

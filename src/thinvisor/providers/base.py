@@ -1,0 +1,307 @@
+"""The small interface every provider implements, and the records it speaks in.
+
+A provider is the center's driver for one managed host: a thinvisor agent, anything
+libvirt reaches, a vCenter or ESXi, or an in-memory fake. It is a thin facade: it
+translates the peer's API into these records and the peer's faults into thinvisor's
+errors (``raise ... from exc``), and holds no inventory of its own.
+
+What a provider can do is said by its ``capabilities``, never by a method that fails
+half way: the center checks the flag before it calls, and a call without the flag
+raises ``Unsupported`` naming the capability (``Provider.require``).
+
+Identifiers: ``VmRecord.id`` is the peer's own stable id for the VM (a thinvisor VM's
+name, a libvirt domain's UUID, a vSphere managed object id); the center keys its
+inventory on (host, id) so that a rename on the peer is seen as a rename.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import ClassVar
+
+from thinvisor.errors import Unsupported
+
+
+class Capability(StrEnum):
+    EVENTS = "events"
+    """``events()`` streams changes as they happen (else the center refreshes by polling)."""
+    POWER = "power"
+    """``power()``: start, stop (hard), shutdown (guest), reset."""
+    SUSPEND = "suspend"
+    """``power()``: pause, resume (and suspend where the peer has it)."""
+    CREATE = "create"
+    """``create()`` a VM from scratch."""
+    TEMPLATES = "templates"
+    """``create()`` from a template the host holds (``CreateVm.template``)."""
+    DELETE = "delete"
+    """``delete()`` a VM and its disks."""
+    RECONFIGURE = "reconfigure"
+    """``reconfigure()`` CPUs and memory of a stopped VM."""
+    CLONE = "clone"
+    """``clone()`` a stopped VM (or template) on the same host."""
+    SNAPSHOT = "snapshot"
+    """``snapshots()``, ``create_snapshot()``, ``revert_snapshot()``, ``delete_snapshot()``."""
+    CONSOLE = "console"
+    """``console()``: where a VM's serial or graphical console is reached."""
+    MAINTENANCE = "maintenance"
+    """``set_maintenance()`` on the host."""
+
+
+class PowerState(StrEnum):
+    RUNNING = "running"
+    STOPPED = "stopped"
+    PAUSED = "paused"
+    SUSPENDED = "suspended"
+    UNKNOWN = "unknown"
+    """The center cannot know (the host is disconnected), or the peer said something else."""
+
+
+class PowerAction(StrEnum):
+    START = "start"
+    STOP = "stop"
+    """Power off at once, as pulling the plug."""
+    SHUTDOWN = "shutdown"
+    """Ask the guest to shut down (ACPI); returns once asked, not once off."""
+    RESET = "reset"
+    PAUSE = "pause"
+    RESUME = "resume"
+    SUSPEND = "suspend"
+
+
+#: Actions that need ``Capability.SUSPEND`` rather than ``Capability.POWER``.
+SUSPEND_ACTIONS = frozenset({PowerAction.PAUSE, PowerAction.RESUME, PowerAction.SUSPEND})
+
+
+class ConsoleKind(StrEnum):
+    SERIAL = "serial"
+    VNC = "vnc"
+
+
+@dataclass(frozen=True)
+class HostRecord:
+    """The host as its peer describes it."""
+
+    name: str
+    """The peer's own name for the host (its hostname, or vSphere's host name)."""
+    vendor: str
+    """``thinvisor``, ``libvirt/<driver>`` (``libvirt/qemu``), ``vsphere`` or ``fake``."""
+    version: str
+    cpus: int
+    memory_mib: int
+    maintenance: bool = False
+
+
+@dataclass(frozen=True)
+class VmRecord:
+    id: str
+    name: str
+    power_state: PowerState
+    cpus: int
+    memory_mib: int
+    template: bool = False
+    datastores: tuple[str, ...] = ()
+    """Names of the datastores (storage pools) holding the VM's disks."""
+    networks: tuple[str, ...] = ()
+    """Names of the networks (port groups, libvirt networks or bridges) of its NICs."""
+    uuid: str | None = None
+    """The VM's SMBIOS UUID, where the peer reports one."""
+
+
+@dataclass(frozen=True)
+class DatastoreRecord:
+    id: str
+    name: str
+    capacity_bytes: int | None = None
+    free_bytes: int | None = None
+
+
+@dataclass(frozen=True)
+class NetworkRecord:
+    id: str
+    name: str
+
+
+@dataclass(frozen=True)
+class InventorySnapshot:
+    """Everything a host holds, at one moment."""
+
+    host: HostRecord
+    vms: tuple[VmRecord, ...] = ()
+    datastores: tuple[DatastoreRecord, ...] = ()
+    networks: tuple[NetworkRecord, ...] = ()
+
+
+class ChangeKind(StrEnum):
+    VM_CHANGED = "vm.changed"
+    """A VM was created or changed: ``vm`` holds it as it is now."""
+    VM_REMOVED = "vm.removed"
+    """A VM is gone: ``vm_id`` names it."""
+    HOST_CHANGED = "host.changed"
+    """The host itself changed (maintenance, say): ``host`` holds it."""
+    RESYNC = "resync"
+    """The provider may have missed changes: the center takes a full snapshot again."""
+
+
+@dataclass(frozen=True)
+class ChangeEvent:
+    kind: ChangeKind
+    message: str
+    """One line for the center's merged event list, as the peer said it where it did."""
+    vm_id: str | None = None
+    vm: VmRecord | None = None
+    host: HostRecord | None = None
+    peer_kind: str | None = None
+    """The peer's own name for what happened (``vm.started``, ``VmPoweredOnEvent``, ...)."""
+    user: str | None = None
+
+
+@dataclass(frozen=True)
+class CreateVm:
+    """A VM to create: from scratch, or from ``template`` (a template on the same host)."""
+
+    name: str
+    cpus: int = 1
+    memory_mib: int = 256
+    disk_mib: int | None = None
+    """A blank system disk of this size; None: none (or the template's disks)."""
+    template: str | None = None
+    """The template's ``VmRecord.id``; its disks are cloned and ``cpus``/``memory_mib``
+    apply only where given explicitly (``None`` keeps the template's)."""
+    network: str | None = None
+    """A network of the host for one NIC; None: no NIC (or the template's)."""
+
+
+@dataclass(frozen=True)
+class Reconfigure:
+    """Changes to a stopped VM; ``None`` keeps a value."""
+
+    cpus: int | None = None
+    memory_mib: int | None = None
+
+
+@dataclass(frozen=True)
+class SnapshotRecord:
+    id: str
+    name: str
+    parent: str | None = None
+    current: bool = False
+    memory: bool = False
+    created: str | None = None
+    """ISO 8601, where the peer says."""
+
+
+@dataclass(frozen=True)
+class ConsoleEndpoint:
+    """Where a console is reached; the center brokers it for its clients."""
+
+    kind: ConsoleKind
+    url: str
+    """``wss://...`` for a WebSocket (thinvisor), ``vnc://host:port`` for a plain VNC
+    server (libvirt), a vSphere WebMKS ticket URL, ..."""
+    headers: dict[str, str] = field(default_factory=dict)
+    """What the client must send with it (an ``Authorization`` header, say)."""
+    fingerprint: str | None = None
+    """The SHA-256 fingerprint the endpoint's TLS certificate must have, where it has one."""
+
+
+@dataclass(frozen=True)
+class Connection:
+    """How to reach one host; what each field means depends on the provider."""
+
+    address: str
+    """thinvisor: ``https://host:8443``; libvirt: a URI (``qemu+ssh://...``,
+    ``qemu:///system``); vsphere: ``https://vcenter`` or ``host:port``; fake: any name."""
+    username: str | None = None
+    password: str | None = None
+    """A password, or for thinvisor an API token (``tv_...``) the center keeps instead."""
+    fingerprint: str | None = None
+    """The SHA-256 fingerprint of the host's TLS certificate, pinned (``AA:BB:...``)."""
+
+
+class Provider(ABC):
+    """One managed host. Every method may raise ``Unreachable`` (no answer),
+    ``ProviderError`` (the peer failed), ``NotFound`` (no such VM or snapshot),
+    ``InvalidState`` (not in this power state) or ``Unsupported`` (no capability)."""
+
+    kind: ClassVar[str]
+    capabilities: ClassVar[frozenset[Capability]]
+
+    def __init__(self, connection: Connection) -> None:
+        self.connection = connection
+
+    def require(self, capability: Capability) -> None:
+        """Raise ``Unsupported`` unless this provider has ``capability``."""
+        if capability not in self.capabilities:
+            raise Unsupported(
+                f"{self.connection.address} ({self.kind}): cannot {capability.value}"
+                f" (the {self.kind} provider does not support it)"
+            )
+
+    @abstractmethod
+    async def connect(self) -> HostRecord:
+        """Open the connection (checking the certificate and the credentials: raises
+        ``Unreachable``, ``CertificateMismatch``, ``CredentialsRefused``)."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Close the connection; safe to call twice, and after a failed ``connect``."""
+
+    @abstractmethod
+    async def snapshot(self) -> InventorySnapshot:
+        """The whole inventory of the host, now."""
+
+    async def ping(self) -> None:
+        """Raise ``Unreachable`` unless the host answers (cheaply) now."""
+        await self.snapshot()
+
+    def events(self) -> AsyncIterator[ChangeEvent]:
+        """Changes as they happen, until the connection is lost (then ``Unreachable``)."""
+        self.require(Capability.EVENTS)
+        raise AssertionError("a provider with EVENTS overrides events()")
+
+    async def power(self, vm_id: str, action: PowerAction) -> VmRecord:
+        self.require(Capability.SUSPEND if action in SUSPEND_ACTIONS else Capability.POWER)
+        raise AssertionError("a provider with POWER overrides power()")
+
+    async def create(self, spec: CreateVm) -> VmRecord:
+        self.require(Capability.TEMPLATES if spec.template else Capability.CREATE)
+        raise AssertionError("a provider with CREATE or TEMPLATES overrides create()")
+
+    async def delete(self, vm_id: str) -> None:
+        self.require(Capability.DELETE)
+        raise AssertionError("a provider with DELETE overrides delete()")
+
+    async def reconfigure(self, vm_id: str, change: Reconfigure) -> VmRecord:
+        self.require(Capability.RECONFIGURE)
+        raise AssertionError("a provider with RECONFIGURE overrides reconfigure()")
+
+    async def clone(self, vm_id: str, name: str) -> VmRecord:
+        self.require(Capability.CLONE)
+        raise AssertionError("a provider with CLONE overrides clone()")
+
+    async def snapshots(self, vm_id: str) -> list[SnapshotRecord]:
+        self.require(Capability.SNAPSHOT)
+        raise AssertionError("a provider with SNAPSHOT overrides snapshots()")
+
+    async def create_snapshot(self, vm_id: str, name: str) -> SnapshotRecord:
+        self.require(Capability.SNAPSHOT)
+        raise AssertionError("a provider with SNAPSHOT overrides create_snapshot()")
+
+    async def revert_snapshot(self, vm_id: str, snapshot_id: str) -> SnapshotRecord:
+        self.require(Capability.SNAPSHOT)
+        raise AssertionError("a provider with SNAPSHOT overrides revert_snapshot()")
+
+    async def delete_snapshot(self, vm_id: str, snapshot_id: str) -> None:
+        self.require(Capability.SNAPSHOT)
+        raise AssertionError("a provider with SNAPSHOT overrides delete_snapshot()")
+
+    async def console(self, vm_id: str, kind: ConsoleKind) -> ConsoleEndpoint:
+        self.require(Capability.CONSOLE)
+        raise AssertionError("a provider with CONSOLE overrides console()")
+
+    async def set_maintenance(self, on: bool) -> HostRecord:
+        self.require(Capability.MAINTENANCE)
+        raise AssertionError("a provider with MAINTENANCE overrides set_maintenance()")
