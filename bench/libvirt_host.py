@@ -32,6 +32,7 @@ from xml.sax.saxutils import escape, quoteattr
 
 from bench.harness import wait_until
 from bench.hosts import appliance, gone
+from thinvisor.appliance import Appliance
 from thinvisor.host.engine.argv import ROOT_PORTS
 
 URI = "qemu:///system"
@@ -192,14 +193,16 @@ def domain_xml(
 
 
 class LibvirtHost:
-    """libvirtd and virtlogd started by hand, a connection, and the domains defined."""
+    """libvirtd and virtlogd started by hand, a connection, and the domains defined
+    (booting ``image``, or the appliance from thinvisor's own cache)."""
 
-    def __init__(self) -> None:
+    def __init__(self, image: Appliance | None = None) -> None:
         try:
             import libvirt
         except ImportError as exc:
             raise Unavailable(f"libvirt-python is not installed: {exc}") from exc
         self._libvirt = libvirt
+        self.image = image
         for binary in (LIBVIRTD, VIRTLOGD):
             if not Path(binary).exists():
                 raise Unavailable(f"{binary} is not installed")
@@ -272,7 +275,7 @@ class LibvirtHost:
     ) -> LibvirtVm:
         """Define (not start) a domain booting the appliance, its files in a directory of
         its own as thinvisor keeps them in the VM's directory."""
-        image = appliance()
+        image = self.image or appliance()
         vm_dir = self.root / name
         vm_dir.mkdir(mode=0o711)
         kernel, initrd = vm_dir / "vmlinuz", vm_dir / "initrd.img"
@@ -302,12 +305,18 @@ class LibvirtHost:
         return pid
 
     def undefine(self, name: str) -> None:
-        """Destroy (if running) and undefine one of this host's domains."""
+        """Destroy (if running) and undefine one of this host's domains, with its
+        snapshots' metadata and any managed save image."""
+        libvirt = self._libvirt
         vm = self.vms.pop(name)
-        with contextlib.suppress(self._libvirt.libvirtError):
+        with contextlib.suppress(libvirt.libvirtError):
             if vm.domain.isActive():
                 vm.domain.destroy()
-        vm.domain.undefine()
+        vm.domain.undefineFlags(
+            libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
+            | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
+            | libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA
+        )
 
     # Teardown
 

@@ -5,4 +5,8 @@ from __future__ import annotations
 
 pytest_plugins = [
     "tests.peers.postgres",
+    "tests.peers.peer_fake",
+    "tests.peers.peer_thinvisor",
+    "tests.peers.peer_libvirt",
+    "tests.peers.peer_vsphere",
 ]

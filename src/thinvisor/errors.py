@@ -15,7 +15,7 @@ into these at the engine boundary with ``raise ... from exc``.
      +-- Busy                           409  CIM_ERR_FAILED
      +-- InsufficientResources          409  CIM_ERR_FAILED
      +-- InvalidConfig                  422  CIM_ERR_FAILED              (a corrupt vm.toml)
-     +-- Unsupported                    409  CIM_ERR_NOT_SUPPORTED       (a provider lacks a capability)
+     +-- Unsupported                    409  CIM_ERR_NOT_SUPPORTED       (a provider cannot do it)
      +-- Disconnected                   409  CIM_ERR_FAILED              (the center lost the host)
      +-- BackendError                   502  CIM_ERR_FAILED
           +-- QemuError                 (QEMU failed to start, or a QMP command failed)
@@ -165,9 +165,7 @@ class CertificateMismatch(ProviderError):
 
     def __init__(self, address: str, seen: str, pinned: str | None) -> None:
         expected = f"pinned {pinned}" if pinned else "none pinned"
-        super().__init__(
-            f"{address}: the host's certificate has fingerprint {seen} ({expected})"
-        )
+        super().__init__(f"{address}: the host's certificate has fingerprint {seen} ({expected})")
         self.address = address
         self.seen = seen
         self.pinned = pinned

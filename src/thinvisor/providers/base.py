@@ -168,8 +168,8 @@ class CreateVm:
     disk_mib: int | None = None
     """A blank system disk of this size; None: none (or the template's disks)."""
     template: str | None = None
-    """The template's ``VmRecord.id``; its disks are cloned and ``cpus``/``memory_mib``
-    apply only where given explicitly (``None`` keeps the template's)."""
+    """The template's ``VmRecord.id``: its disks are cloned, and the new VM gets ``cpus``
+    and ``memory_mib`` (the center passes the template's own where the operator gave none)."""
     network: str | None = None
     """A network of the host for one NIC; None: no NIC (or the template's)."""
 

@@ -1,0 +1,247 @@
+"""The fake provider's own promises, which tests of the center rely on: hosts shared by
+address, the test helpers, event streams fed from any thread and ended when the host
+goes away, and the power state machine (the contract suite covers the rest)."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import secrets
+import threading
+from collections.abc import Callable, Coroutine, Iterator
+from typing import Any, ParamSpec
+
+import pytest
+
+from thinvisor.errors import (
+    AlreadyExists,
+    CredentialsRefused,
+    InvalidArgument,
+    InvalidState,
+    NotFound,
+    Unreachable,
+)
+from thinvisor.providers import fake, open_provider
+from thinvisor.providers.base import (
+    ChangeEvent,
+    ChangeKind,
+    Connection,
+    CreateVm,
+    PowerAction,
+    PowerState,
+    Provider,
+    Reconfigure,
+)
+from thinvisor.providers.fake import TRANSITIONS, FakeHost, fake_host, remove_fake_host
+
+P = ParamSpec("P")
+S = PowerState
+WAIT_S = 5.0
+
+
+def run_async(test: Callable[P, Coroutine[Any, Any, None]]) -> Callable[P, None]:
+    @functools.wraps(test)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> None:
+        asyncio.run(test(*args, **kwargs))
+
+    return wrapper
+
+
+@pytest.fixture
+def host() -> Iterator[FakeHost]:
+    """A fake host of the test's own, with one stopped VM ``vm1`` and a template."""
+    address = f"fake://unit-{secrets.token_hex(4)}"
+    h = fake_host(address, vms=["vm1"], templates=["tpl"])
+    yield h
+    remove_fake_host(address)
+
+
+def provider(host: FakeHost, **changes: Any) -> Provider:
+    fields = {"address": host.address, "username": "admin", "password": "secret", **changes}
+    return open_provider("fake", Connection(**fields))
+
+
+async def next_event(stream: Any) -> ChangeEvent:
+    event: ChangeEvent = await asyncio.wait_for(anext(stream), WAIT_S)
+    return event
+
+
+@run_async
+async def test_providers_on_one_address_share_the_host(host: FakeHost) -> None:
+    first, second = provider(host), provider(host)
+    vm = host.vm_named("vm1")
+    await first.power(vm.id, PowerAction.START)
+    assert {v.name: v.power_state for v in (await second.snapshot()).vms} == {
+        "vm1": S.RUNNING,
+        "tpl": S.STOPPED,
+    }
+    host.add_vm("made-on-host", memory_mib=512)
+    assert "made-on-host" in {v.name for v in (await second.snapshot()).vms}
+
+
+@run_async
+async def test_credentials_are_checked_on_every_call(host: FakeHost) -> None:
+    p = provider(host)
+    await p.connect()
+    host.password = "rotated"
+    with pytest.raises(CredentialsRefused):
+        await p.snapshot()
+    await provider(host, password="rotated").snapshot()
+
+
+@run_async
+async def test_unreachable_host_fails_every_call_and_ends_streams(host: FakeHost) -> None:
+    p = provider(host)
+    stream = p.events()
+    pending = asyncio.ensure_future(next_event(stream))
+    host.set_reachable(False)
+    with pytest.raises(Unreachable):
+        await pending
+    for call in (p.connect(), p.snapshot(), p.ping()):
+        with pytest.raises(Unreachable):
+            await call
+    host.set_reachable(True)
+    await p.ping()
+
+
+@run_async
+async def test_removed_host_is_unreachable(host: FakeHost) -> None:
+    remove_fake_host(host.address)
+    with pytest.raises(Unreachable):
+        await provider(host).connect()
+
+
+@run_async
+async def test_changes_made_in_another_thread_reach_the_stream(host: FakeHost) -> None:
+    stream = provider(host).events()
+    pending = asyncio.ensure_future(next_event(stream))
+    vm_id = host.vm_named("vm1").id
+    thread = threading.Thread(target=host.set_power, args=(vm_id, S.RUNNING))
+    thread.start()
+    thread.join()
+    event = await pending
+    assert (event.kind, event.vm_id) == (ChangeKind.VM_CHANGED, vm_id)
+    assert event.vm is not None and event.vm.power_state == S.RUNNING
+
+
+@run_async
+async def test_close_ends_only_the_providers_own_streams(host: FakeHost) -> None:
+    mine, other = provider(host), provider(host)
+    my_stream, other_stream = mine.events(), other.events()
+    my_next = asyncio.ensure_future(next_event(my_stream))
+    other_next = asyncio.ensure_future(next_event(other_stream))
+    await mine.close()
+    with pytest.raises(StopAsyncIteration):
+        await my_next
+    host.remove_vm(host.vm_named("vm1").id)
+    event = await other_next
+    assert event.kind == ChangeKind.VM_REMOVED
+
+
+@run_async
+async def test_streams_miss_nothing_since_connect(host: FakeHost) -> None:
+    p = provider(host)
+    await p.connect()
+    vm_id = host.vm_named("vm1").id
+    host.set_power(vm_id, S.RUNNING)  # before any stream: the first one has it
+    first = p.events()
+    assert (await next_event(first)).vm == host.vm(vm_id).record()
+    await first.aclose()  # type: ignore[attr-defined]
+    host.set_power(vm_id, S.PAUSED)  # between streams: the next one has it
+    event = await next_event(p.events())
+    assert event.vm is not None and event.vm.power_state == S.PAUSED
+
+
+@run_async
+async def test_a_provider_that_reads_nothing_is_told_to_resync(
+    host: FakeHost, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(fake, "MAX_PENDING", 3)
+    p = provider(host)
+    await p.connect()
+    for state in (S.RUNNING, S.PAUSED, S.RUNNING, S.STOPPED):
+        host.set_power(host.vm_named("vm1").id, state)
+    stream = p.events()
+    assert (await next_event(stream)).kind == ChangeKind.RESYNC
+    event = await next_event(stream)
+    assert event.vm is not None and event.vm.power_state == S.STOPPED
+
+
+@pytest.mark.parametrize("action", list(PowerAction))
+@pytest.mark.parametrize("state", [S.STOPPED, S.RUNNING, S.PAUSED, S.SUSPENDED])
+@run_async
+async def test_power_state_machine(host: FakeHost, action: PowerAction, state: S) -> None:
+    vm = host.add_vm("sm", power_state=state)
+    allowed, after = TRANSITIONS[action]
+    p = provider(host)
+    if state in allowed:
+        assert (await p.power(vm.id, action)).power_state == (after or state)
+    else:
+        with pytest.raises(InvalidState, match=f"cannot {action.value} while {state.value}"):
+            await p.power(vm.id, action)
+        assert host.vm(vm.id).power_state == state
+
+
+def test_the_state_machine_is_the_hosts() -> None:
+    """The fake's table says what a thinvisor host allows (README's action table)."""
+    assert TRANSITIONS[PowerAction.START][0] == {S.STOPPED, S.SUSPENDED}
+    assert TRANSITIONS[PowerAction.STOP][0] == {S.RUNNING, S.PAUSED, S.SUSPENDED}
+    assert TRANSITIONS[PowerAction.SUSPEND] == (frozenset({S.RUNNING, S.PAUSED}), S.SUSPENDED)
+
+
+@run_async
+async def test_refusals_change_nothing(host: FakeHost) -> None:
+    p = provider(host)
+    vm, template = host.vm_named("vm1"), host.vm_named("tpl")
+    with pytest.raises(InvalidState, match="a template"):
+        await p.power(template.id, PowerAction.START)
+    await p.power(vm.id, PowerAction.START)
+    for refused in (
+        p.delete(vm.id),
+        p.clone(vm.id, "copy"),
+        p.reconfigure(vm.id, Reconfigure(memory_mib=512)),
+    ):
+        with pytest.raises(InvalidState):
+            await refused
+    with pytest.raises(AlreadyExists):
+        await p.create(CreateVm("vm1"))
+    with pytest.raises(InvalidArgument, match="network"):
+        await p.create(CreateVm("new", network="no-such-network"))
+    with pytest.raises(InvalidArgument, match="template"):
+        await p.create(CreateVm("new", template=vm.id))
+    with pytest.raises(NotFound):
+        await p.create(CreateVm("new", template="vm-0"))
+    assert {v.name for v in (await p.snapshot()).vms} == {"vm1", "tpl"}
+    assert host.vm(vm.id).memory_mib == 256
+
+
+@run_async
+async def test_snapshot_tree(host: FakeHost) -> None:
+    p = provider(host)
+    vm = host.vm_named("vm1")
+    base = await p.create_snapshot(vm.id, "base")
+    await p.power(vm.id, PowerAction.START)
+    live = await p.create_snapshot(vm.id, "live")
+    top = await p.create_snapshot(vm.id, "top")
+    assert (live.parent, live.memory, top.parent) == (base.id, True, live.id)
+    await p.power(vm.id, PowerAction.STOP)
+    await p.revert_snapshot(vm.id, live.id)  # it holds memory: the VM runs again
+    assert host.vm(vm.id).power_state == S.RUNNING
+    await p.delete_snapshot(vm.id, live.id)  # its child moves up; current goes to its parent
+    tree = {s.name: s for s in await p.snapshots(vm.id)}
+    assert tree["top"].parent == base.id
+    assert tree["base"].current and not tree["top"].current
+    await p.revert_snapshot(vm.id, base.id)  # no memory: stopped
+    assert host.vm(vm.id).power_state == S.STOPPED
+
+
+@run_async
+async def test_maintenance_is_a_host_change(host: FakeHost) -> None:
+    p = provider(host)
+    stream = p.events()
+    pending = asyncio.ensure_future(next_event(stream))
+    assert (await p.set_maintenance(True)).maintenance
+    event = await pending
+    assert event.kind == ChangeKind.HOST_CHANGED
+    assert event.host is not None and event.host.maintenance
+    assert event.user == "admin"
