@@ -308,7 +308,6 @@ def test_events_see_vms_come_and_go(sim: Vcsim) -> None:
         seen: list[ChangeEvent] = []
         async with connected(sim) as provider:
             stream = asyncio.create_task(_collect(provider, seen))
-            await asyncio.sleep(0.5)  # the stream takes its baseline first
             async with new_vm(provider) as vm:
                 created = await _wait_for(seen, ChangeKind.VM_CHANGED, vm.id)
                 assert created.vm == vm and created.message.endswith("created")
@@ -317,6 +316,56 @@ def test_events_see_vms_come_and_go(sim: Vcsim) -> None:
             stream.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await stream
+        assert not [t for t in threading.enumerate() if t.name.startswith("vsphere-events")]
+
+    run(check())
+
+
+async def _stop(stream: asyncio.Task[None]) -> None:
+    stream.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await stream
+
+
+def test_a_stream_continues_where_the_last_one_stopped(sim: Vcsim) -> None:
+    async def check() -> None:
+        async with connected(sim) as provider:
+            # Made before any stream: their changes come in one answer, of which the
+            # first stream takes a single event; the next stream must have the rest.
+            async with new_vm(provider) as first, new_vm(provider) as second:
+                events = provider.events()
+                seen = [await _next(events)]
+                await _close(events)
+                stream = asyncio.create_task(_collect(provider, seen))
+                try:
+                    for vm in (first, second):
+                        await _wait_for(seen, ChangeKind.VM_CHANGED, vm.id)
+                finally:
+                    await _stop(stream)
+            # And what happens while no stream runs waits for the next one.
+            stream = asyncio.create_task(_collect(provider, seen))
+            try:
+                await _wait_for(seen, ChangeKind.VM_REMOVED, second.id)
+            finally:
+                await _stop(stream)
+
+    run(check())
+
+
+def test_streams_at_the_same_time_both_follow_changes(sim: Vcsim) -> None:
+    async def check() -> None:
+        one: list[ChangeEvent] = []
+        other: list[ChangeEvent] = []
+        async with connected(sim) as provider:
+            streams = [asyncio.create_task(_collect(provider, seen)) for seen in (one, other)]
+            try:
+                await asyncio.sleep(0.5)  # the second stream makes its own collector
+                async with new_vm(provider) as vm:
+                    for seen in (one, other):
+                        await _wait_for(seen, ChangeKind.VM_CHANGED, vm.id)
+            finally:
+                for stream in streams:
+                    await _stop(stream)
         assert not [t for t in threading.enumerate() if t.name.startswith("vsphere-events")]
 
     run(check())

@@ -14,7 +14,12 @@ What it can do, and what it leaves out:
   and its first datastore; TEMPLATES and CLONE through ``CloneVM_Task``; DELETE;
   RECONFIGURE of a stopped VM; SNAPSHOT (of the disks, without the VM's memory).
 - EVENTS: a property collector of its own waits for changes (``WaitForUpdatesEx``) to
-  the VMs, hosts, datastores and networks, in a thread of the stream's own.
+  the VMs, hosts, datastores and networks, in a thread of the stream's own. The collector
+  is made at ``connect()``: the endpoint holds every change from then on until a stream
+  asks for it, so the first ``events()`` streams what happened since ``connect()`` and
+  each later one continues where the one before stopped. The endpoint merges what waits
+  into one update per object, so nothing grows unbounded on either side; should it have
+  forgotten the collector's version, the stream says ``RESYNC`` and starts afresh.
 - CONSOLE is left out: vSphere's way in is a WebMKS ticket (``AcquireTicket``), which
   the center does not broker. MAINTENANCE is left out: an endpoint may hold many hosts,
   and the capability is the endpoint's.
@@ -31,7 +36,9 @@ import asyncio
 import contextlib
 import socket
 import ssl
+import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -85,6 +92,10 @@ DEFAULT_PORT = 443
 CONNECT_TIMEOUT_S = 10.0
 WAIT_UPDATES_S = 10
 """How long one ``WaitForUpdatesEx`` waits for a change before it asks again."""
+MAX_OBJECT_UPDATES = 1000
+"""The most object updates one ``WaitForUpdatesEx`` answer holds (the rest come next)."""
+CANCEL_RETRY_S = 0.5
+"""How often a stream that ends asks again to cancel a wait that has not ended yet."""
 HTTP_TIMEOUT_S = 30.0
 """Longer than one update wait: a call answered later than this finds the host gone."""
 TASK_POLL_MAX_S = 1.0
@@ -440,6 +451,9 @@ class _Session:
         )
         self.watches: set[_Watch] = set()
         self.closed = False
+        # The watch no stream holds: made at login, then handed from stream to stream.
+        self._kept: _Watch | None = None
+        self._keeping = threading.Lock()
 
     @classmethod
     def open(cls, address: str, username: str, password: str, pinned: str | None) -> _Session:
@@ -456,10 +470,34 @@ class _Session:
         try:
             si = vim.ServiceInstance("ServiceInstance", stub)
             si.RetrieveContent().sessionManager.Login(username, password, None)
-            return cls(address, si, stub)
+            session = cls(address, si, stub)
         except BaseException:
             stub.DropConnections()
             raise
+        try:
+            # Changes from now on wait at the endpoint for the first events() stream.
+            session.keep(_Watch(session))
+        except BaseException:
+            session.close()
+            raise
+        return session
+
+    def take_watch(self) -> _Watch | None:
+        """The watch kept since login or the end of the last stream; None if a stream
+        holds it now."""
+        with self._keeping:
+            watch, self._kept = self._kept, None
+        return watch
+
+    def keep(self, watch: _Watch) -> None:
+        """Keep ``watch`` (not waiting) for the next stream, which continues where it
+        stopped; close it instead if another is kept or the session is closed."""
+        with self._keeping:
+            kept = self._kept is None and not self.closed
+            if kept:
+                self._kept = watch
+        if not kept:
+            watch.close()
 
     def close(self) -> None:
         """End event streams' waits, log out (where the endpoint still answers) and close
@@ -798,12 +836,16 @@ def _walk_snapshots(
 
 
 class _Watch:
-    """A property collector of its own, following the endpoint's objects (blocking)."""
+    """A property collector of its own, following the endpoint's objects (blocking).
+
+    ``next()`` runs in one thread at a time; what it finds waits in ``pending`` until a
+    stream yields it, so that a stream ending mid-answer loses nothing."""
 
     def __init__(self, session: _Session) -> None:
         self.inventory = _Inventory(session.about)
         self.collector = session.content.propertyCollector.CreatePropertyCollector()
         self.version = ""
+        self.pending: deque[ChangeEvent] = deque()
         self.session = session
         session.watches.add(self)
         try:
@@ -824,14 +866,27 @@ class _Watch:
             if not result.truncated:
                 return
 
-    def next(self) -> list[ChangeEvent]:
-        """Changes within ``WAIT_UPDATES_S``; an empty list if there were none."""
-        options = PC.WaitOptions(maxWaitSeconds=WAIT_UPDATES_S)
-        result = self.collector.WaitForUpdatesEx(self.version, options)
-        if result is None:
-            return []
-        self.version = result.version
-        return self._apply(result)
+    def next(self) -> None:
+        """Add to ``pending`` the changes within ``WAIT_UPDATES_S`` (maybe none)."""
+        options = PC.WaitOptions(maxWaitSeconds=WAIT_UPDATES_S, maxObjectUpdates=MAX_OBJECT_UPDATES)
+        try:
+            result = self.collector.WaitForUpdatesEx(self.version, options)
+        except vmodl.query.InvalidCollectorVersion:
+            self._restart()
+            return
+        if result is not None:
+            self.version = result.version
+            self.pending.extend(self._apply(result))
+
+    def _restart(self) -> None:
+        """Start afresh from the current state: the endpoint forgot the version, and what
+        changed since is not known."""
+        self.inventory = _Inventory(self.session.about)
+        self.version = ""
+        self.pending.clear()  # the RESYNC stands for these too
+        self._baseline()
+        message = f"{self.session.address}: the endpoint lost track of changes"
+        self.pending.append(ChangeEvent(ChangeKind.RESYNC, message))
 
     def _apply(self, result: Any) -> list[ChangeEvent]:
         events = []
@@ -856,6 +911,21 @@ class _Watch:
         if self.session.closed:
             # The connection of the wait went back to the pool after the session closed it.
             self.session.stub.DropConnections()
+
+
+async def _stop_waiting(executor: ThreadPoolExecutor, watch: _Watch) -> None:
+    """Return once ``watch`` no longer waits in ``executor``'s thread, cancelling its wait
+    (again, should the cancel come before the wait began)."""
+    idle = asyncio.get_running_loop().run_in_executor(executor, _nothing)
+    while True:
+        await asyncio.to_thread(watch.cancel)
+        done, _ = await asyncio.wait({idle}, timeout=CANCEL_RETRY_S)
+        if done:
+            return
+
+
+def _nothing() -> None:
+    pass
 
 
 # --- The provider -----------------------------------------------------------------------
@@ -924,21 +994,25 @@ class VsphereProvider(Provider):
         await self._run(_Doing("ping"), self._live().si.CurrentTime)
 
     async def events(self) -> AsyncIterator[ChangeEvent]:
-        """Changes to the endpoint's VMs and hosts, until the session ends (``Unreachable``)."""
+        """Changes to the endpoint's VMs and hosts since ``connect()`` or the end of the
+        previous stream, until the session ends (``Unreachable``). A stream started while
+        another runs follows the changes from its own start."""
         session = self._live()
         # A thread of the stream's own: it spends its life waiting for the endpoint.
         executor = ThreadPoolExecutor(1, thread_name_prefix="vsphere-events")
         doing = _Doing("follow changes")
-        watch: _Watch | None = None
+        watch = session.take_watch()
         try:
-            watch = await self._in(executor, doing, _Watch, session)
+            if watch is None:  # another stream holds the one kept since connect()
+                watch = await self._in(executor, doing, _Watch, session)
             while True:
-                for event in await self._in(executor, doing, watch.next):
-                    yield event
+                while watch.pending:
+                    yield watch.pending.popleft()
+                await self._in(executor, doing, watch.next)
         finally:
             if watch is not None:
-                await asyncio.to_thread(watch.cancel)
-                await asyncio.get_running_loop().run_in_executor(executor, watch.close)
+                await _stop_waiting(executor, watch)
+                await asyncio.to_thread(session.keep, watch)
             executor.shutdown(wait=False)
 
     async def power(self, vm_id: str, action: PowerAction) -> VmRecord:
