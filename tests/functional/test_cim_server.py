@@ -336,7 +336,7 @@ def test_wrong_password_is_401_and_recorded(url: str, agent: HostAgent) -> None:
         conn.EnumerateInstanceNames("TV_ComputerSystem")
     failed = agent.events.list(kind_prefix="auth.login_failed")
     assert failed and failed[-1].object == "user/admin"
-    agent.throttle.succeeded("127.0.0.1")  # later tests are not slowed down
+    agent.gate.throttle.succeeded("127.0.0.1")  # later tests are not slowed down
     response = httpx.post(f"{url}/cimom", headers=cim_headers("EnumerateClassNames"))
     assert response.status_code == 401
     assert response.headers["WWW-Authenticate"].startswith("Basic")

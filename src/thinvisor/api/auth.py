@@ -1,6 +1,7 @@
 """Who is asking, and may they: HTTP Basic or a bearer token on every route but health.
 
-Failed logins are slowed down per client address and recorded as events.
+Failed logins are slowed down per client address and recorded as events. The host agent
+and the center both serve these routes: all they need of their agent is ``AuthAgent``.
 """
 
 from __future__ import annotations
@@ -8,16 +9,17 @@ from __future__ import annotations
 import base64
 import binascii
 from collections.abc import Awaitable, Callable
-from typing import Annotated
+from typing import Annotated, Protocol
 
 from fastapi import APIRouter, Depends, HTTPException, Request, WebSocket
 from pydantic import BaseModel
 
 from thinvisor.api.errors import ERROR_RESPONSES, error_response
-from thinvisor.auth import Permission, User, allows
+from thinvisor.auth import Permission, User, UserStore, allows
 from thinvisor.errors import TooManyAttempts, Unauthenticated
 from thinvisor.host.agent import HostAgent
 from thinvisor.host.context import current_user
+from thinvisor.host.events import EventLog
 from thinvisor.model.base import StrictModel
 
 router = APIRouter(prefix="/auth", tags=["auth"], responses=ERROR_RESPONSES)
@@ -25,8 +27,25 @@ router = APIRouter(prefix="/auth", tags=["auth"], responses=ERROR_RESPONSES)
 _CHALLENGE = {"WWW-Authenticate": 'Basic realm="thinvisor", Bearer'}
 
 
+class AuthAgent(Protocol):
+    """What authentication needs of an agent (the host agent's, or the center's)."""
+
+    users: UserStore
+    events: EventLog
+
+    async def check_password(self, address: str, name: str, password: str, via: str) -> User:
+        """A user by password: ``TooManyAttempts`` or ``Unauthenticated`` otherwise."""
+        ...
+
+
 def agent_of(conn: Request | WebSocket) -> HostAgent:
     agent: HostAgent = conn.app.state.agent
+    return agent
+
+
+def auth_agent_of(conn: Request | WebSocket) -> AuthAgent:
+    """The app's agent, whichever kind, as far as authentication goes."""
+    agent: AuthAgent = conn.app.state.agent
     return agent
 
 
@@ -38,7 +57,7 @@ def _unauthorized(message: str) -> HTTPException:
     return HTTPException(401, message, headers=_CHALLENGE)
 
 
-async def check_password(agent: HostAgent, address: str, name: str, password: str) -> User:
+async def check_password(agent: AuthAgent, address: str, name: str, password: str) -> User:
     """A user by password through the agent's one throttled check, as HTTP errors."""
     try:
         return await agent.check_password(address, name, password, "api")
@@ -51,7 +70,7 @@ async def check_password(agent: HostAgent, address: str, name: str, password: st
 
 async def authenticate(conn: Request | WebSocket) -> User:
     """The user behind a request: ``Authorization: Bearer``/``Basic``, or ``?token=``."""
-    agent = agent_of(conn)
+    agent = auth_agent_of(conn)
     header = conn.headers.get("authorization", "")
     scheme, _, credentials = header.partition(" ")
     token = conn.query_params.get("token") if not header else None
@@ -86,22 +105,39 @@ def require(permission: Permission) -> Callable[[Request], Awaitable[User]]:
     return dependency
 
 
-async def require_ws(websocket: WebSocket, permission: Permission) -> User | None:
-    """For WebSockets: the user, or None after refusing the handshake (401 or 403 with an
-    error body where the server can answer HTTP, else closing with policy violation)."""
+async def authenticated(request: Request) -> User:
+    """A dependency: the authenticated user, whatever their role (for routes that check
+    permissions on the object they act on)."""
+    user = await authenticate(request)
+    current_user.set(user.name)
+    return user
+
+
+async def authenticate_ws(websocket: WebSocket) -> User | None:
+    """For WebSockets: the user, or None after refusing the handshake (401)."""
     try:
         user = await authenticate(websocket)
     except HTTPException as exc:
-        await _refuse(websocket, exc.status_code, str(exc.detail))
-        return None
-    if not allows(user.role, permission):
-        await _refuse(websocket, 403, f"role {user.role} may not {permission.value}")
+        await refuse_ws(websocket, exc.status_code, str(exc.detail))
         return None
     current_user.set(user.name)
     return user
 
 
-async def _refuse(websocket: WebSocket, status: int, message: str) -> None:
+async def require_ws(websocket: WebSocket, permission: Permission) -> User | None:
+    """For WebSockets: the user, or None after refusing the handshake (401 or 403 with an
+    error body where the server can answer HTTP, else closing with policy violation)."""
+    user = await authenticate_ws(websocket)
+    if user is None:
+        return None
+    if not allows(user.role, permission):
+        await refuse_ws(websocket, 403, f"role {user.role} may not {permission.value}")
+        return None
+    return user
+
+
+async def refuse_ws(websocket: WebSocket, status: int, message: str) -> None:
+    """Refuse a WebSocket handshake: an HTTP error answer where the server can give one."""
     if "websocket.http.response" in websocket.scope.get("extensions", {}):
         code = "unauthorized" if status == 401 else "forbidden"
         await websocket.send_denial_response(error_response(status, code, message))
@@ -129,7 +165,7 @@ class WhoAmI(BaseModel):
 @router.post("/login", response_model=LoginResult)
 async def login(body: Login, request: Request) -> LoginResult:
     """Trade a user name and password for an API token."""
-    agent = agent_of(request)
+    agent = auth_agent_of(request)
     address = _client(request)
     user = await check_password(agent, address, body.user, body.password)
     _, token = agent.users.create_token(user.name, body.label or f"login from {address}")

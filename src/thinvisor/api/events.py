@@ -1,13 +1,17 @@
-"""``/events``: the host's history, listed, and streamed live over a WebSocket."""
+"""``/events``: the agent's history, listed, and streamed live over a WebSocket.
+
+The host agent and the center (whose log merges its hosts' events) both serve it.
+"""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request, WebSocket, WebSocketDisconnect
 from pydantic import BaseModel
 
-from thinvisor.api.auth import agent_of, require, require_ws
+from thinvisor.api.auth import auth_agent_of, require, require_ws
 from thinvisor.api.errors import ERROR_RESPONSES
 from thinvisor.auth import Permission, User
 from thinvisor.host.events import Event, SubscriptionDropped
@@ -39,17 +43,38 @@ async def list_events(
     kind: Annotated[str | None, Query(description="a kind or a prefix, like vm.")] = None,
 ) -> list[EventOut]:
     """Events, oldest first."""
-    found = agent_of(request).events.list(since=since, limit=limit, object=object, kind_prefix=kind)
+    found = auth_agent_of(request).events.list(
+        since=since, limit=limit, object=object, kind_prefix=kind
+    )
     return [event_out(e) for e in found]
 
 
 @router.websocket("/stream")
 async def stream(websocket: WebSocket, since: int | None = None) -> None:
-    """Every new event as a JSON text message; ``since`` replays the ones after that id."""
+    """Every new event as a JSON text message; ``since`` replays the ones after that id.
+
+    The stream ends when the client goes, even while no event comes: a subscription
+    left waiting would keep the server from stopping."""
     if await require_ws(websocket, Permission.READ) is None:
         return
     await websocket.accept()
-    events = agent_of(websocket).events
+    sender = asyncio.create_task(_send_events(websocket, since), name="events-to-client")
+    watcher = asyncio.create_task(_until_disconnect(websocket), name="events-client")
+    try:
+        await asyncio.wait([sender, watcher], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (sender, watcher):
+            task.cancel()
+        await asyncio.wait([sender, watcher])
+    close = None if sender.cancelled() else sender.result()
+    if close is not None and not watcher.done():
+        await websocket.close(code=close[0], reason=close[1])
+
+
+async def _send_events(websocket: WebSocket, since: int | None) -> tuple[int, str] | None:
+    """Send events until the log ends the subscription: the close code and reason then;
+    None if the client went."""
+    events = auth_agent_of(websocket).events
     try:
         async with events.subscribe() as subscription:
             if since is not None:
@@ -58,8 +83,13 @@ async def stream(websocket: WebSocket, since: int | None = None) -> None:
             async for event in subscription:
                 await websocket.send_json(event_out(event).model_dump())
     except WebSocketDisconnect:
-        return
+        return None
     except SubscriptionDropped as exc:
-        await websocket.close(code=1013, reason=str(exc))
-        return
-    await websocket.close(code=1001, reason="the agent is stopping")
+        return 1013, str(exc)
+    return 1001, "the agent is stopping"
+
+
+async def _until_disconnect(websocket: WebSocket) -> None:
+    """Wait for the client to go; what it sends is ignored."""
+    while (await websocket.receive())["type"] != "websocket.disconnect":
+        pass

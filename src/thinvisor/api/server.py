@@ -22,19 +22,31 @@ from thinvisor.tls import ensure_certificate
 log = logging.getLogger(__name__)
 
 
+def certificate_files(
+    state_dir: Path, cert_file: Path | None, key_file: Path | None, name: str
+) -> tuple[Path, Path]:
+    """A server's certificate and key: the operator's, or the self-signed pair
+    ``<state_dir>/tls/<name>.crt`` and ``.key``."""
+    tls_dir = state_dir / "tls"
+    return cert_file or tls_dir / f"{name}.crt", key_file or tls_dir / f"{name}.key"
+
+
 def tls_files(config: HostConfig) -> tuple[Path, Path]:
     """The agent's certificate and key: the operator's, or thinvisor's self-signed pair."""
-    tls_dir = config.state_dir / "tls"
-    cert = config.api.cert_file or tls_dir / "host.crt"
-    key = config.api.key_file or tls_dir / "host.key"
-    return cert, key
+    return certificate_files(config.state_dir, config.api.cert_file, config.api.key_file, "host")
+
+
+def ensure_tls(cert: Path, key: Path) -> str:
+    """Make a self-signed pair for this machine's names where there is none; the
+    certificate's SHA-256 fingerprint."""
+    cert.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    names = sorted({socket.getfqdn(), socket.gethostname(), "localhost"})
+    return ensure_certificate(cert, key, names)
 
 
 def prepare_tls(config: HostConfig) -> tuple[Path, Path, str]:
     cert, key = tls_files(config)
-    cert.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    names = sorted({socket.getfqdn(), socket.gethostname(), "localhost"})
-    return cert, key, ensure_certificate(cert, key, names)
+    return cert, key, ensure_tls(cert, key)
 
 
 def serve(config: HostConfig, *, listen: str | None = None, port: int | None = None) -> None:

@@ -9,10 +9,10 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
-from thinvisor.api.auth import agent_of, require
+from thinvisor.api.auth import require
 from thinvisor.api.errors import ERROR_RESPONSES
 from thinvisor.auth import Permission, User
-from thinvisor.host.tasks import Progress, Task
+from thinvisor.host.tasks import Progress, Task, TaskManager
 
 router = APIRouter(prefix="/tasks", tags=["tasks"], responses=ERROR_RESPONSES)
 
@@ -43,11 +43,21 @@ def task_out(task: Task) -> TaskOut:
     return TaskOut.model_validate(task.to_dict())
 
 
+def tasks_of(request: Request) -> TaskManager:
+    """The app's task manager (the host agent's, or the center's)."""
+    tasks: TaskManager = request.app.state.agent.tasks
+    return tasks
+
+
 def accepted(
     request: Request, kind: str, obj: str, user: User, work: Callable[[Progress], Awaitable[Any]]
 ) -> JSONResponse:
     """Start ``work`` as a task and answer 202 with it."""
-    task = agent_of(request).tasks.submit(kind, obj, user.name, work)
+    return accepted_task(tasks_of(request).submit(kind, obj, user.name, work))
+
+
+def accepted_task(task: Task) -> JSONResponse:
+    """Answer 202 with a task already started."""
     body = task_out(task).model_dump(mode="json")
     return JSONResponse(body, status_code=202, headers={"Location": f"/api/v1/tasks/{task.id}"})
 
@@ -63,9 +73,9 @@ async def list_tasks(
     object: str | None = None,
 ) -> list[TaskOut]:
     """Recent tasks, newest first."""
-    return [task_out(t) for t in agent_of(request).tasks.list(limit=limit, object=object)]
+    return [task_out(t) for t in tasks_of(request).list(limit=limit, object=object)]
 
 
 @router.get("/{task_id}", response_model=TaskOut)
 async def get_task(task_id: str, request: Request, user: Reader) -> TaskOut:
-    return task_out(agent_of(request).tasks.get(task_id))
+    return task_out(tasks_of(request).get(task_id))

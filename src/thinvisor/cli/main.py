@@ -12,7 +12,7 @@ import typer
 from typer._click.exceptions import ClickException
 
 from thinvisor import __version__
-from thinvisor.cli import appliance, common, datastore, host, login, network, vm
+from thinvisor.cli import appliance, center, common, datastore, host, login, network, vm
 
 app = typer.Typer(
     help="thinvisor: a thin hypervisor host.",
@@ -25,6 +25,7 @@ app.add_typer(host.app, name="host")
 app.add_typer(network.app, name="network")
 app.add_typer(datastore.app, name="datastore")
 app.add_typer(appliance.app, name="appliance")
+app.add_typer(center.app, name="center")
 login.register(app)
 
 

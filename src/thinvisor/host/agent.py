@@ -13,9 +13,10 @@ import contextlib
 import logging
 from pathlib import Path
 
-from thinvisor.auth import LoginThrottle, User, UserStore
+from thinvisor.auth import User, UserStore
+from thinvisor.auth.gate import PasswordGate
 from thinvisor.config import HostConfig
-from thinvisor.errors import ThinvisorError, TooManyAttempts, Unauthenticated
+from thinvisor.errors import ThinvisorError
 from thinvisor.host import memory, ovf_io, snapshots
 from thinvisor.host.engine import process
 from thinvisor.host.events import EventLog
@@ -39,7 +40,7 @@ class HostAgent:
         self.service.events = self.events
         self.tasks = TaskManager(self.events)
         self.users = UserStore(config.state_dir / "users.json")
-        self.throttle = LoginThrottle()
+        self.gate = PasswordGate(self.users, self.events)
         self.stats = StatsSampler(
             self.service.inventory, config.state_dir / "stats", interval_s=config.stats.interval_s
         )
@@ -53,27 +54,12 @@ class HostAgent:
         return self.config.state_dir
 
     async def authenticate(self, name: str, password: str) -> User | None:
-        # Password hashing is deliberately slow: keep it off the event loop.
-        return await asyncio.to_thread(self.users.authenticate, name, password)
+        return await self.gate.authenticate(name, password)
 
     async def check_password(self, address: str, name: str, password: str, via: str) -> User:
         """A user by password, for any edge (REST, CIM): failed logins from one address
         are slowed down, and each is refused and recorded."""
-        wait = self.throttle.delay(address)
-        if wait > 0:
-            raise TooManyAttempts(wait)
-        user = await self.authenticate(name, password)
-        if user is None:
-            self.throttle.failed(address)
-            self.events.emit(
-                "auth.login_failed",
-                f"login failed for {name!r} from {address} ({via})",
-                object=f"user/{name}",
-                data={"address": address, "via": via},
-            )
-            raise Unauthenticated("wrong user name or password")
-        self.throttle.succeeded(address)
-        return user
+        return await self.gate.check_password(address, name, password, via)
 
     async def start(self, *, autostart: bool = True) -> None:
         """Reattach to what runs, begin watching, and start the autostart VMs."""

@@ -1,0 +1,282 @@
+"""``/vms``: every VM of every host, found, powered, created, cloned, changed, deleted and
+snapshotted through the center.
+
+Operations answer 202 with a task (``/tasks/{id}``) once they are checked: the VM exists,
+the user may do it there, its host is connected (else 409 ``disconnected``) and its
+provider can (else 409 ``unsupported``). Power actions need the power permission on the
+VM; creating, cloning, changing, deleting and snapshots need configure.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+
+from thinvisor.api.errors import ERROR_RESPONSES
+from thinvisor.api.tasks import ACCEPTED, accepted_task
+from thinvisor.auth import Permission, User
+from thinvisor.center.agent import CenterAgent
+from thinvisor.center.api.access import (
+    Caller,
+    NodeRef,
+    center_of,
+    check,
+    in_thread,
+    node_of,
+    visible_ids,
+)
+from thinvisor.center.inventory import Node, VmRow
+from thinvisor.center.models import NodeKind
+from thinvisor.errors import InvalidArgument
+from thinvisor.model.base import StrictModel
+from thinvisor.providers.base import CreateVm, PowerAction, PowerState, Reconfigure
+
+router = APIRouter(prefix="/vms", tags=["vms"], responses=ERROR_RESPONSES)
+
+
+class VmOut(BaseModel):
+    id: int
+    name: str
+    path: str
+    host_id: int
+    host: str
+    ext_id: str
+    """The host's own id for the VM."""
+    power_state: str
+    last_power_state: str | None
+    """The power state when last known (while the host is disconnected: ``unknown`` above)."""
+    cpus: int
+    memory_mib: int
+    template: bool
+    uuid: str | None
+    datastores: list[str]
+    networks: list[str]
+
+
+class VmCreateIn(StrictModel):
+    host: NodeRef
+    """The host to create it on: its id, or its path."""
+    name: str
+    template: NodeRef | None = None
+    """A template on the same host to create it from: its id, or its path."""
+    cpus: int | None = Field(default=None, ge=1, description="default: 1, or the template's")
+    memory_mib: int | None = Field(
+        default=None, ge=1, description="default: 256, or the template's"
+    )
+    disk_mib: int | None = Field(default=None, ge=1)
+    network: str | None = None
+    """A network of the host for one NIC."""
+
+
+class CloneIn(StrictModel):
+    name: str
+
+
+class VmChange(StrictModel):
+    cpus: int | None = Field(default=None, ge=1)
+    memory_mib: int | None = Field(default=None, ge=1)
+
+
+class SnapshotIn(StrictModel):
+    name: str
+
+
+class SnapshotOut(BaseModel):
+    id: str
+    name: str
+    parent: str | None
+    current: bool
+    memory: bool
+    created: str | None
+
+
+def vm_out(vm: VmRow) -> VmOut:
+    last = None if vm.last_power_state is None else str(vm.last_power_state)
+    return VmOut(
+        id=vm.id,
+        name=vm.name,
+        path=vm.path,
+        host_id=vm.host_id,
+        host=vm.host_name,
+        ext_id=vm.ext_id,
+        power_state=str(vm.power_state),
+        last_power_state=last,
+        cpus=vm.cpus,
+        memory_mib=vm.memory_mib,
+        template=vm.template,
+        uuid=vm.uuid,
+        datastores=list(vm.datastores),
+        networks=list(vm.networks),
+    )
+
+
+@router.get("", response_model=list[VmOut])
+async def list_vms(
+    request: Request,
+    user: Caller,
+    host: Annotated[str | None, Query(description="only this host's: its id or path")] = None,
+    name: Annotated[str | None, Query(description="a name, or a pattern with * and ?")] = None,
+    template: Annotated[bool | None, Query(description="only templates, or only VMs")] = None,
+    power_state: PowerState | None = None,
+) -> list[VmOut]:
+    """The VMs (and templates) of every host that the user may read, by path."""
+    agent = center_of(request)
+
+    def read() -> list[VmOut]:
+        host_id = None if host is None else _host_node(agent, _query_ref(host)).id
+        if name is not None:
+            found = agent.inventory.find_vms(name)
+            found = [v for v in found if host_id in (None, v.host_id)]
+            found = [v for v in found if template in (None, v.template)]
+        else:
+            found = agent.inventory.vms(host_id, template)
+        visible = visible_ids(agent, user)
+        return [
+            vm_out(v)
+            for v in found
+            if (visible is None or v.id in visible) and power_state in (None, v.power_state)
+        ]
+
+    return await in_thread(read)
+
+
+def _query_ref(text: str) -> NodeRef:
+    """An object named in a query string: digits are an id, else a path."""
+    return int(text) if text.isdecimal() else text
+
+
+def _host_node(agent: CenterAgent, ref: NodeRef) -> Node:
+    node = node_of(agent, ref, "host")
+    if node.kind != NodeKind.HOST:
+        raise InvalidArgument("host", f"{node.kind} {node.path} is not a host")
+    return node
+
+
+@router.get("/{vm_id}", response_model=VmOut)
+async def get_vm(vm_id: int, request: Request, user: Caller) -> VmOut:
+    return vm_out(await _vm(request, user, vm_id, Permission.READ))
+
+
+async def _vm(request: Request, user: User, vm_id: int, permission: Permission) -> VmRow:
+    """The VM (``NotFound`` first), if the user has ``permission`` on it."""
+    agent = center_of(request)
+
+    def read() -> VmRow:
+        vm = agent.inventory.vm(vm_id)
+        check(agent, user, vm_id, permission)
+        return vm
+
+    return await in_thread(read)
+
+
+@router.post("/{vm_id}/power/{action}", status_code=202, response_model=None, responses=ACCEPTED)
+async def power(vm_id: int, action: PowerAction, request: Request, user: Caller) -> JSONResponse:
+    """start, stop (power off), shutdown (ask the guest), reset, pause, resume, suspend."""
+    await _vm(request, user, vm_id, Permission.POWER)
+    task = await center_of(request).service.power(vm_id, action, user=user.name)
+    return accepted_task(task)
+
+
+@router.post("", status_code=202, response_model=None, responses=ACCEPTED)
+async def create_vm(body: VmCreateIn, request: Request, user: Caller) -> JSONResponse:
+    """A new VM on a host: from scratch, or from a template on that host."""
+    agent = center_of(request)
+
+    def prepare() -> tuple[int, CreateVm, int | None]:
+        host = _host_node(agent, body.host)
+        check(agent, user, host.id, Permission.CONFIGURE)
+        template = None if body.template is None else _template(agent, user, body.template)
+        spec = CreateVm(
+            name=body.name,
+            cpus=body.cpus or (template.cpus if template else 1),
+            memory_mib=body.memory_mib or (template.memory_mib if template else 256),
+            disk_mib=body.disk_mib,
+            network=body.network,
+        )
+        return host.id, spec, None if template is None else template.id
+
+    host_id, spec, template_id = await in_thread(prepare)
+    task = await agent.service.create_vm(host_id, spec, template_id=template_id, user=user.name)
+    return accepted_task(task)
+
+
+def _template(agent: CenterAgent, user: User, ref: NodeRef) -> VmRow:
+    node = node_of(agent, ref, "template")
+    if node.kind != NodeKind.VM:
+        raise InvalidArgument("template", f"{node.kind} {node.path} is not a template")
+    check(agent, user, node.id, Permission.READ)
+    return agent.inventory.vm(node.id)
+
+
+@router.post("/{vm_id}/clone", status_code=202, response_model=None, responses=ACCEPTED)
+async def clone_vm(vm_id: int, body: CloneIn, request: Request, user: Caller) -> JSONResponse:
+    """A copy of a stopped VM or a template, on its host."""
+    vm = await _vm(request, user, vm_id, Permission.CONFIGURE)
+    agent = center_of(request)
+    await in_thread(check, agent, user, vm.host_id, Permission.CONFIGURE)
+    return accepted_task(await agent.service.clone_vm(vm_id, body.name, user=user.name))
+
+
+@router.patch("/{vm_id}", status_code=202, response_model=None, responses=ACCEPTED)
+async def reconfigure_vm(
+    vm_id: int, body: VmChange, request: Request, user: Caller
+) -> JSONResponse:
+    """Change the CPUs and memory of a stopped VM."""
+    if body.cpus is None and body.memory_mib is None:
+        raise InvalidArgument("body", "give cpus, memory_mib or both")
+    await _vm(request, user, vm_id, Permission.CONFIGURE)
+    change = Reconfigure(cpus=body.cpus, memory_mib=body.memory_mib)
+    task = await center_of(request).service.reconfigure_vm(vm_id, change, user=user.name)
+    return accepted_task(task)
+
+
+@router.delete("/{vm_id}", status_code=202, response_model=None, responses=ACCEPTED)
+async def delete_vm(vm_id: int, request: Request, user: Caller) -> JSONResponse:
+    """Delete a stopped VM and its disks on its host."""
+    await _vm(request, user, vm_id, Permission.CONFIGURE)
+    return accepted_task(await center_of(request).service.delete_vm(vm_id, user=user.name))
+
+
+@router.get("/{vm_id}/snapshots", response_model=list[SnapshotOut])
+async def list_snapshots(vm_id: int, request: Request, user: Caller) -> list[SnapshotOut]:
+    """The VM's snapshots, as its host has them now."""
+    await _vm(request, user, vm_id, Permission.READ)
+    found = await center_of(request).service.snapshots(vm_id)
+    return [SnapshotOut.model_validate(s.__dict__) for s in found]
+
+
+@router.post("/{vm_id}/snapshots", status_code=202, response_model=None, responses=ACCEPTED)
+async def create_snapshot(
+    vm_id: int, body: SnapshotIn, request: Request, user: Caller
+) -> JSONResponse:
+    await _vm(request, user, vm_id, Permission.CONFIGURE)
+    task = await center_of(request).service.create_snapshot(vm_id, body.name, user=user.name)
+    return accepted_task(task)
+
+
+@router.post(
+    "/{vm_id}/snapshots/{snapshot_id}/revert",
+    status_code=202,
+    response_model=None,
+    responses=ACCEPTED,
+)
+async def revert_snapshot(
+    vm_id: int, snapshot_id: str, request: Request, user: Caller
+) -> JSONResponse:
+    await _vm(request, user, vm_id, Permission.CONFIGURE)
+    service = center_of(request).service
+    return accepted_task(await service.revert_snapshot(vm_id, snapshot_id, user=user.name))
+
+
+@router.delete(
+    "/{vm_id}/snapshots/{snapshot_id}", status_code=202, response_model=None, responses=ACCEPTED
+)
+async def delete_snapshot(
+    vm_id: int, snapshot_id: str, request: Request, user: Caller
+) -> JSONResponse:
+    await _vm(request, user, vm_id, Permission.CONFIGURE)
+    service = center_of(request).service
+    return accepted_task(await service.delete_snapshot(vm_id, snapshot_id, user=user.name))

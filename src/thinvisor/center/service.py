@@ -1,0 +1,314 @@
+"""The center's actions: registering hosts, and operations on any provider's VMs.
+
+Operations are tasks (``TaskManager``): checked at once (the VM exists, its host is
+connected, its provider has the capability: else the error, and no task), then run in the
+background with progress. Each one's result is written to the inventory as soon as the
+host answers, so that the center shows it without waiting for the host's event.
+
+Registering a host connects to it first: an unreachable address, a certificate that is
+not the pinned one and refused credentials are refused before anything is written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from thinvisor.center.config import SyncConfig
+from thinvisor.center.inventory import HostRow, Inventory, VmRow
+from thinvisor.center.sync import HostSync, SyncManager, within
+from thinvisor.errors import (
+    CertificateMismatch,
+    CredentialsRefused,
+    InvalidArgument,
+    ThinvisorError,
+    Unreachable,
+)
+from thinvisor.host.events import EventLog
+from thinvisor.host.tasks import Progress, Task, TaskManager
+from thinvisor.providers import open_provider
+from thinvisor.providers.base import (
+    SUSPEND_ACTIONS,
+    Capability,
+    Connection,
+    ConsoleEndpoint,
+    ConsoleKind,
+    CreateVm,
+    PowerAction,
+    Provider,
+    Reconfigure,
+    SnapshotRecord,
+    VmRecord,
+)
+
+log = logging.getLogger(__name__)
+
+#: How long registering a host waits for it to connect and answer.
+CONNECT_TIMEOUT_S = 30.0
+
+
+class CenterService:
+    """Every action the center's API and CLI offer, on top of the inventory."""
+
+    def __init__(
+        self,
+        inventory: Inventory,
+        tasks: TaskManager,
+        events: EventLog,
+        sync_config: SyncConfig,
+    ) -> None:
+        self.inventory = inventory
+        self.tasks = tasks
+        self.events = events
+        self.sync_config = sync_config
+        self.syncs = SyncManager()
+
+    # --- hosts ---------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Follow every registered host."""
+        for host in await asyncio.to_thread(self.inventory.hosts):
+            self._follow(host)
+
+    async def close(self) -> None:
+        await self.syncs.close()
+
+    async def add_host(
+        self,
+        *,
+        parent_id: int,
+        provider: str,
+        address: str,
+        username: str | None = None,
+        password: str | None = None,
+        fingerprint: str | None = None,
+        name: str | None = None,
+        user: str | None = None,
+    ) -> HostRow:
+        """Connect to a host, then register it under ``parent_id`` and follow it."""
+        connection = Connection(address, username, password, fingerprint)
+        record = await _check_connection(open_provider(provider, connection))
+        row = await asyncio.to_thread(
+            self.inventory.add_host,
+            parent_id,
+            name or record.name,
+            provider,
+            address,
+            username,
+            password,
+            fingerprint,
+        )
+        sync = self._follow(row)
+        self.events.emit(
+            "host.added",
+            f"host {row.name!r} ({provider}, {address}) added to {row.path}",
+            object=f"host/{row.name}",
+            user=user,
+        )
+        try:
+            await sync.wait_connected(CONNECT_TIMEOUT_S)
+        except ThinvisorError as exc:
+            log.warning("host %s added but not yet connected: %s", row.name, exc)
+        return await asyncio.to_thread(self.inventory.host, row.id)
+
+    async def remove_host(self, host_id: int, *, user: str | None = None) -> None:
+        """Stop following a host and forget it and its VMs (nothing on the host changes)."""
+        row = await asyncio.to_thread(self.inventory.host, host_id)
+        await self.syncs.remove(host_id)
+        await asyncio.to_thread(self.inventory.remove_host, host_id)
+        self.events.emit(
+            "host.removed", f"host {row.name!r} removed", object=f"host/{row.name}", user=user
+        )
+
+    async def reconnect_host(self, host_id: int) -> HostRow:
+        """Drop the host's connection and connect again now (a full resync)."""
+        row = await asyncio.to_thread(self.inventory.host, host_id)
+        await self.syncs.remove(host_id)
+        sync = self._follow(row)
+        try:
+            await sync.wait_connected(CONNECT_TIMEOUT_S)
+        except ThinvisorError as exc:
+            log.info("host %s not connected again yet: %s", row.name, exc)
+        return await asyncio.to_thread(self.inventory.host, host_id)
+
+    def _follow(self, host: HostRow) -> HostSync:
+        def opener() -> Provider:
+            password = self.inventory.host_password(host.id)
+            connection = Connection(host.address, host.username, password, host.fingerprint)
+            return open_provider(host.provider, connection)
+
+        sync = HostSync(host.id, host.name, opener, self.inventory, self.events, self.sync_config)
+        self.syncs.add(sync)
+        return sync
+
+    # --- operations ----------------------------------------------------------------
+
+    async def power(self, vm_id: int, action: PowerAction, *, user: str | None = None) -> Task:
+        vm, provider = await self._target(vm_id)
+        needed = Capability.SUSPEND if action in SUSPEND_ACTIONS else Capability.POWER
+        provider.require(needed)
+
+        async def work(progress: Progress) -> dict[str, Any]:
+            progress.update(10, f"{action.value} on {vm.host_name}")
+            record = await provider.power(vm.ext_id, action)
+            return await self._record(vm.host_id, record)
+
+        return self.tasks.submit(f"vm.{action.value}", vm.path, user, work)
+
+    async def create_vm(
+        self,
+        host_id: int,
+        spec: CreateVm,
+        *,
+        template_id: int | None = None,
+        user: str | None = None,
+    ) -> Task:
+        """A new VM on ``host_id``: from scratch, or from the template ``template_id``."""
+        host = await asyncio.to_thread(self.inventory.host, host_id)
+        provider = self.syncs.get(host_id).provider()
+        if template_id is not None:
+            template = await asyncio.to_thread(self.inventory.vm, template_id)
+            if not template.template:
+                raise InvalidArgument("template", f"{template.path} is not a template")
+            if template.host_id != host_id:
+                raise InvalidArgument("template", f"{template.path} is not on {host.path}")
+            spec = CreateVm(**{**spec.__dict__, "template": template.ext_id})
+        provider.require(Capability.TEMPLATES if spec.template else Capability.CREATE)
+
+        async def work(progress: Progress) -> dict[str, Any]:
+            progress.update(10, f"creating {spec.name} on {host.name}")
+            return await self._record(host_id, await provider.create(spec))
+
+        return self.tasks.submit("vm.create", f"{host.path}/{spec.name}", user, work)
+
+    async def clone_vm(self, vm_id: int, name: str, *, user: str | None = None) -> Task:
+        vm, provider = await self._target(vm_id)
+        provider.require(Capability.CLONE)
+
+        async def work(progress: Progress) -> dict[str, Any]:
+            progress.update(10, f"cloning {vm.name} to {name}")
+            return await self._record(vm.host_id, await provider.clone(vm.ext_id, name))
+
+        return self.tasks.submit("vm.clone", vm.path, user, work)
+
+    async def reconfigure_vm(
+        self, vm_id: int, change: Reconfigure, *, user: str | None = None
+    ) -> Task:
+        vm, provider = await self._target(vm_id)
+        provider.require(Capability.RECONFIGURE)
+
+        async def work(progress: Progress) -> dict[str, Any]:
+            progress.update(10, f"reconfiguring {vm.name}")
+            return await self._record(vm.host_id, await provider.reconfigure(vm.ext_id, change))
+
+        return self.tasks.submit("vm.reconfigure", vm.path, user, work)
+
+    async def delete_vm(self, vm_id: int, *, user: str | None = None) -> Task:
+        vm, provider = await self._target(vm_id)
+        provider.require(Capability.DELETE)
+
+        async def work(progress: Progress) -> dict[str, Any]:
+            progress.update(10, f"deleting {vm.name} on {vm.host_name}")
+            await provider.delete(vm.ext_id)
+            await asyncio.to_thread(self.inventory.remove_vm, vm.host_id, vm.ext_id)
+            return {"deleted": vm.path}
+
+        return self.tasks.submit("vm.delete", vm.path, user, work)
+
+    async def snapshots(self, vm_id: int) -> list[SnapshotRecord]:
+        vm, provider = await self._target(vm_id)
+        provider.require(Capability.SNAPSHOT)
+        return await provider.snapshots(vm.ext_id)
+
+    async def create_snapshot(self, vm_id: int, name: str, *, user: str | None = None) -> Task:
+        return await self._snapshot_task(
+            vm_id, "vm.snapshot.create", user, lambda p, vm: p.create_snapshot(vm.ext_id, name)
+        )
+
+    async def revert_snapshot(
+        self, vm_id: int, snapshot_id: str, *, user: str | None = None
+    ) -> Task:
+        return await self._snapshot_task(
+            vm_id,
+            "vm.snapshot.revert",
+            user,
+            lambda p, vm: p.revert_snapshot(vm.ext_id, snapshot_id),
+        )
+
+    async def delete_snapshot(
+        self, vm_id: int, snapshot_id: str, *, user: str | None = None
+    ) -> Task:
+        return await self._snapshot_task(
+            vm_id,
+            "vm.snapshot.delete",
+            user,
+            lambda p, vm: p.delete_snapshot(vm.ext_id, snapshot_id),
+        )
+
+    async def console(self, vm_id: int, kind: ConsoleKind) -> ConsoleEndpoint:
+        """Where the VM's console is, for the center's broker."""
+        vm, provider = await self._target(vm_id)
+        provider.require(Capability.CONSOLE)
+        return await provider.console(vm.ext_id, kind)
+
+    async def _snapshot_task(
+        self,
+        vm_id: int,
+        kind: str,
+        user: str | None,
+        call: Callable[[Provider, VmRow], Awaitable[SnapshotRecord | None]],
+    ) -> Task:
+        vm, provider = await self._target(vm_id)
+        provider.require(Capability.SNAPSHOT)
+
+        async def work(progress: Progress) -> Any:
+            progress.update(10, f"{kind.rsplit('.', 1)[-1]} snapshot of {vm.name}")
+            snapshot = await call(provider, vm)
+            await self.syncs.get(vm.host_id).refresh()
+            return None if snapshot is None else snapshot.__dict__
+
+        return self.tasks.submit(kind, vm.path, user, work)
+
+    async def _target(self, vm_id: int) -> tuple[VmRow, Provider]:
+        """The VM and its host's provider (``Disconnected`` if the host is away)."""
+        vm = await asyncio.to_thread(self.inventory.vm, vm_id)
+        return vm, self.syncs.get(vm.host_id).provider()
+
+    async def _record(self, host_id: int, record: VmRecord) -> dict[str, Any]:
+        row = await asyncio.to_thread(self.inventory.apply_vm, host_id, record)
+        return vm_dict(row)
+
+
+async def _check_connection(provider: Provider) -> Any:
+    """Connect once to check the host; its errors as the field an operator must fix."""
+    try:
+        return await within(CONNECT_TIMEOUT_S, provider.connect())
+    except TimeoutError:
+        address = provider.connection.address
+        raise InvalidArgument("address", f"{address} did not answer in time") from None
+    except Unreachable as exc:
+        raise InvalidArgument("address", f"cannot connect: {exc}") from None
+    except CertificateMismatch as exc:
+        raise InvalidArgument("fingerprint", str(exc)) from None
+    except CredentialsRefused as exc:
+        raise InvalidArgument("password", f"the host refused the credentials: {exc}") from None
+    finally:
+        await provider.close()
+
+
+def vm_dict(vm: VmRow) -> dict[str, Any]:
+    """A VM as tasks' results and the API show it."""
+    return {
+        "id": vm.id,
+        "name": vm.name,
+        "path": vm.path,
+        "host_id": vm.host_id,
+        "host": vm.host_name,
+        "ext_id": vm.ext_id,
+        "power_state": str(vm.power_state),
+        "cpus": vm.cpus,
+        "memory_mib": vm.memory_mib,
+        "template": vm.template,
+    }

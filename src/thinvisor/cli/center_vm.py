@@ -1,0 +1,339 @@
+"""``thinvisor center vm``: every VM of every host, through the center.
+
+A VM is named by its path (``/dc1/prod/host1/web``), its id, or its name where that is
+unique across the hosts. Operations wait for their task (progress on a terminal) unless
+``--no-wait``, which prints the task's id instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any
+from urllib.parse import quote
+
+import typer
+
+from thinvisor.cli import common
+from thinvisor.cli.center_client import CenterClient, on_center, print_table
+from thinvisor.errors import InvalidArgument, NotFound
+
+app = typer.Typer(help="VMs of every host, through the center.", no_args_is_help=True)
+snapshot_app = typer.Typer(help="Snapshots of a VM.", no_args_is_help=True)
+app.add_typer(snapshot_app, name="snapshot")
+
+VmArg = Annotated[str, typer.Argument(help="The VM: its path, id or unique name.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
+NoWaitOpt = Annotated[
+    bool, typer.Option("--no-wait", help="Print the task's id instead of waiting for it.")
+]
+
+POWER_ACTIONS = {
+    "start": "Power a VM on.",
+    "stop": "Power a VM off at once, as pulling the plug.",
+    "shutdown": "Ask a VM's guest to shut down.",
+    "reset": "Reset a VM, as the reset button.",
+    "pause": "Pause a VM's CPUs.",
+    "resume": "Resume a paused or suspended VM.",
+    "suspend": "Suspend a VM (where its host can).",
+}
+
+out = common.console()
+
+
+def _operation(
+    what: Callable[[CenterClient], Awaitable[tuple[str, str, dict[str, Any] | None]]],
+    no_wait: bool,
+) -> Any:
+    """Ask for an operation (``what`` gives method, path and body after looking up what
+    it names); its task's result, or with ``no_wait`` the task."""
+
+    async def go(center: CenterClient) -> Any:
+        method, path, body = await what(center)
+        response = await center.call(method, path, body=body)
+        task = response.json()
+        title = f"{task['kind']} {task['object']}"
+        return await center.result(response, title, wait=not no_wait)
+
+    return on_center(go)
+
+
+def _started(task: dict[str, Any]) -> None:
+    typer.echo(f"task {task['id']} started: {task['kind']} {task['object']}")
+
+
+def _vm_rows(vms: list[dict[str, Any]]) -> None:
+    rows = [
+        [
+            v["path"],
+            v["host"],
+            "template" if v["template"] else v["power_state"],
+            v["cpus"],
+            v["memory_mib"],
+        ]
+        for v in vms
+    ]
+    print_table(["PATH", "HOST", "STATE", "CPUS", "MEMORY (MiB)"], rows)
+
+
+# --- finding VMs ----------------------------------------------------------------------
+
+
+@app.command("list")
+def vm_list(
+    host: Annotated[str | None, typer.Option(help="Only this host's: path, id or name.")] = None,
+    templates: Annotated[
+        bool | None, typer.Option("--templates/--no-templates", help="Only templates, or none.")
+    ] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Every VM and template of every host (or of one), by path."""
+
+    async def go(center: CenterClient) -> list[dict[str, Any]]:
+        host_id = None if host is None else (await center.host(host))["id"]
+        found: list[dict[str, Any]] = await center.get("/vms", host=host_id, template=templates)
+        return found
+
+    vms = on_center(go)
+    if json_out:
+        common.print_json(vms)
+    else:
+        _vm_rows(vms)
+
+
+@app.command("find")
+def vm_find(
+    name: Annotated[str, typer.Argument(help="A name, or a pattern with * and ?.")],
+    json_out: JsonOpt = False,
+) -> None:
+    """Find VMs by name across every host: where each is, and its state."""
+    vms = on_center(lambda c: c.get("/vms", name=name))
+    if json_out:
+        common.print_json(vms)
+        return
+    if not vms:
+        common.fail(f"no VM named {name!r} on any host")
+    _vm_rows(vms)
+
+
+@app.command("show")
+def vm_show(vm: VmArg, json_out: JsonOpt = False) -> None:
+    """One VM as the center knows it."""
+    found = on_center(lambda c: c.vm(vm))
+    if json_out:
+        common.print_json(found)
+        return
+    state = found["power_state"]
+    if state == "unknown" and found.get("last_power_state"):
+        state += f" (last known: {found['last_power_state']}; its host is disconnected)"
+    rows = [
+        ["path", found["path"]],
+        ["host", found["host"]],
+        ["id on its host", found["ext_id"]],
+        ["state", "template" if found["template"] else state],
+        ["CPUs", found["cpus"]],
+        ["memory", f"{found['memory_mib']} MiB"],
+        ["datastores", ", ".join(found["datastores"])],
+        ["networks", ", ".join(found["networks"])],
+    ]
+    print_table(["", ""], rows)
+
+
+# --- power ----------------------------------------------------------------------------
+
+
+def _power_command(action: str) -> Callable[[str, bool], None]:
+    def command(vm: VmArg, no_wait: NoWaitOpt = False) -> None:
+        async def what(center: CenterClient) -> tuple[str, str, None]:
+            found = await center.vm(vm)
+            return "POST", f"/vms/{found['id']}/power/{action}", None
+
+        result = _operation(what, no_wait)
+        if no_wait:
+            _started(result)
+        else:
+            typer.echo(f"vm {result['path']}: {result['power_state']}")
+
+    return command
+
+
+for _action, _help in POWER_ACTIONS.items():
+    app.command(_action, help=_help)(_power_command(_action))
+
+
+# --- creating, changing, deleting -----------------------------------------------------
+
+
+@app.command("create")
+def vm_create(
+    host: Annotated[str, typer.Argument(help="The host: its path, id or name.")],
+    name: Annotated[str, typer.Argument(help="The new VM's name.")],
+    template: Annotated[
+        str | None, typer.Option(help="A template on that host: path, id or name.")
+    ] = None,
+    cpus: Annotated[int | None, typer.Option(min=1, help="[1, or the template's]")] = None,
+    memory: Annotated[
+        int | None, typer.Option(min=1, help="Memory in MiB [256, or the template's].")
+    ] = None,
+    disk: Annotated[int | None, typer.Option(min=1, help="A blank disk of this many MiB.")] = None,
+    network: Annotated[str | None, typer.Option(help="A network of the host for a NIC.")] = None,
+    no_wait: NoWaitOpt = False,
+) -> None:
+    """Create a VM on a host: from scratch, or from a template there."""
+
+    async def what(center: CenterClient) -> tuple[str, str, dict[str, Any]]:
+        found = await center.host(host)
+        body: dict[str, Any] = {"host": found["id"], "name": name, "cpus": cpus}
+        body |= {"memory_mib": memory, "disk_mib": disk, "network": network}
+        if template is not None:
+            body["template"] = (await _template(center, template, found["id"]))["id"]
+        return "POST", "/vms", body
+
+    _done(_operation(what, no_wait), no_wait, "created")
+
+
+async def _template(center: CenterClient, ref: str, host_id: int) -> dict[str, Any]:
+    """A template named by path or id, or by a name unique on the host."""
+    if ref.isdecimal() or ref.startswith("/"):
+        return await center.vm(ref)
+    found = await center.get("/vms", name=ref, host=host_id, template=True)
+    if len(found) != 1:
+        raise NotFound(f"no template named {ref!r} on that host")
+    template: dict[str, Any] = found[0]
+    return template
+
+
+def _done(result: Any, no_wait: bool, verb: str) -> None:
+    if no_wait:
+        _started(result)
+    else:
+        typer.echo(f"{verb} vm {result['path']} ({result['power_state']})")
+
+
+@app.command("clone")
+def vm_clone(
+    vm: VmArg,
+    name: Annotated[str, typer.Argument(help="The copy's name.")],
+    no_wait: NoWaitOpt = False,
+) -> None:
+    """Copy a stopped VM or a template, on its host."""
+
+    async def what(center: CenterClient) -> tuple[str, str, dict[str, Any]]:
+        found = await center.vm(vm)
+        return "POST", f"/vms/{found['id']}/clone", {"name": name}
+
+    _done(_operation(what, no_wait), no_wait, "cloned to")
+
+
+@app.command("set")
+def vm_set(
+    vm: VmArg,
+    cpus: Annotated[int | None, typer.Option(min=1, help="CPUs.")] = None,
+    memory: Annotated[int | None, typer.Option(min=1, help="Memory in MiB.")] = None,
+    no_wait: NoWaitOpt = False,
+) -> None:
+    """Change the CPUs or memory of a stopped VM."""
+    if cpus is None and memory is None:
+        common.fail("give --cpus, --memory or both")
+
+    async def what(center: CenterClient) -> tuple[str, str, dict[str, Any]]:
+        found = await center.vm(vm)
+        return "PATCH", f"/vms/{found['id']}", {"cpus": cpus, "memory_mib": memory}
+
+    result = _operation(what, no_wait)
+    if no_wait:
+        _started(result)
+    else:
+        typer.echo(f"vm {result['path']}: {result['cpus']} CPUs, {result['memory_mib']} MiB")
+
+
+@app.command("delete")
+def vm_delete(vm: VmArg, no_wait: NoWaitOpt = False) -> None:
+    """Delete a stopped VM and its disks, on its host."""
+
+    async def what(center: CenterClient) -> tuple[str, str, None]:
+        found = await center.vm(vm)
+        return "DELETE", f"/vms/{found['id']}", None
+
+    result = _operation(what, no_wait)
+    if no_wait:
+        _started(result)
+    else:
+        typer.echo(f"deleted vm {result['deleted']}")
+
+
+# --- snapshots ------------------------------------------------------------------------
+
+SnapshotArg = Annotated[str, typer.Argument(help="The snapshot: its id or name.")]
+
+
+@snapshot_app.command("list")
+def snapshot_list(vm: VmArg, json_out: JsonOpt = False) -> None:
+    """A VM's snapshots, as its host has them."""
+
+    async def go(center: CenterClient) -> list[dict[str, Any]]:
+        found = await center.vm(vm)
+        snapshots: list[dict[str, Any]] = await center.get(f"/vms/{found['id']}/snapshots")
+        return snapshots
+
+    snapshots = on_center(go)
+    if json_out:
+        common.print_json(snapshots)
+        return
+    rows = [
+        [s["id"], s["name"], s["parent"], "*" if s["current"] else "", s["created"]]
+        for s in snapshots
+    ]
+    print_table(["ID", "NAME", "PARENT", "CURRENT", "CREATED"], rows)
+
+
+@snapshot_app.command("take")
+def snapshot_take(
+    vm: VmArg, name: Annotated[str, typer.Argument(help="Its name.")], no_wait: NoWaitOpt = False
+) -> None:
+    """Take a snapshot of a VM."""
+
+    async def what(center: CenterClient) -> tuple[str, str, dict[str, Any]]:
+        found = await center.vm(vm)
+        return "POST", f"/vms/{found['id']}/snapshots", {"name": name}
+
+    result = _operation(what, no_wait)
+    if no_wait:
+        _started(result)
+    else:
+        typer.echo(f"took snapshot {result['name']!r} ({result['id']})")
+
+
+def _snapshot_command(verb: str, method: str, suffix: str) -> Callable[[str, str, bool], None]:
+    def command(vm: VmArg, snapshot: SnapshotArg, no_wait: NoWaitOpt = False) -> None:
+        async def what(center: CenterClient) -> tuple[str, str, None]:
+            found = await center.vm(vm)
+            snap = await _snapshot(center, found, snapshot)
+            path = f"/vms/{found['id']}/snapshots/{quote(snap['id'], safe='')}{suffix}"
+            return method, path, None
+
+        result = _operation(what, no_wait)
+        if no_wait:
+            _started(result)
+        else:
+            typer.echo(f"{verb} snapshot {snapshot!r}")
+
+    return command
+
+
+async def _snapshot(center: CenterClient, vm: dict[str, Any], ref: str) -> dict[str, Any]:
+    snapshots: list[dict[str, Any]] = await center.get(f"/vms/{vm['id']}/snapshots")
+    by_id = [s for s in snapshots if s["id"] == ref]
+    found = by_id or [s for s in snapshots if s["name"] == ref]
+    if not found:
+        raise NotFound(f"vm {vm['path']}: no snapshot {ref!r}")
+    if len(found) > 1:
+        raise InvalidArgument("snapshot", f"{len(found)} snapshots are named {ref!r}: give its id")
+    return found[0]
+
+
+snapshot_app.command("revert", help="Revert a VM to a snapshot.")(
+    _snapshot_command("reverted to", "POST", "/revert")
+)
+snapshot_app.command("delete", help="Delete a snapshot (its changes stay in its children).")(
+    _snapshot_command("deleted", "DELETE", "")
+)

@@ -1,0 +1,609 @@
+"""The center's REST API in-process: SQLite in ``tmp_path``, hosts of the fake provider.
+
+Each test runs a real center (its agent started: every host followed by its sync) in one
+event loop; requests go through httpx's ASGI transport, WebSockets through a real
+uvicorn on a loopback port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+from argon2 import PasswordHasher
+from websockets.asyncio.client import connect
+from websockets.asyncio.server import ServerConnection, serve
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from thinvisor.auth import Role, UserStore
+from thinvisor.center.agent import CenterAgent
+from thinvisor.center.api.app import create_center_app
+from thinvisor.center.api.tree import pruned_tree
+from thinvisor.center.config import CenterApiConfig, CenterConfig, SyncConfig
+from thinvisor.providers.base import PowerState
+from thinvisor.providers.fake import FakeHost, fake_host, remove_fake_host
+
+FAST = PasswordHasher(time_cost=1, memory_cost=8, parallelism=1)
+PASSWORD = "password123"
+ADMIN = ("admin", PASSWORD)
+ALICE = ("alice", PASSWORD)  # read-only, unless granted more somewhere
+FINGERPRINT = ":".join(["AB"] * 32)
+
+
+class Center:
+    """A running center and an HTTP client of its API."""
+
+    def __init__(self, agent: CenterAgent, client: httpx.AsyncClient) -> None:
+        self.agent = agent
+        self.client = client
+
+    async def call(
+        self,
+        method: str,
+        path: str,
+        *,
+        status: int,
+        auth: tuple[str, str] = ADMIN,
+        **kwargs: Any,
+    ) -> Any:
+        """``method path`` as ``auth``; its JSON body, after checking its status."""
+        response = await self.client.request(method, path, auth=auth, **kwargs)
+        assert response.status_code == status, response.text
+        return response.json() if response.content else None
+
+    async def node(self, kind: str, parent: int | str | None, name: str) -> int:
+        if kind == "datacenter":
+            body: dict[str, Any] = {"name": name}
+        else:
+            body = {"parent": parent, "name": name}
+        created = await self.call("POST", f"/{kind}s", json=body, status=201)
+        node_id: int = created["id"]
+        return node_id
+
+    async def add_host(self, parent: int | str, host: FakeHost, **extra: Any) -> dict[str, Any]:
+        body = {"parent": parent, "provider": "fake", "address": host.address}
+        body |= {"username": "admin", "password": "secret", **extra}
+        answer: dict[str, Any] = await self.call("POST", "/hosts", json=body, status=201)
+        return answer
+
+    async def vm_id(self, name: str) -> int:
+        found = await self.call("GET", "/vms", params={"name": name}, status=200)
+        assert len(found) == 1, found
+        vm_id: int = found[0]["id"]
+        return vm_id
+
+    async def finished(self, task: dict[str, Any], auth: tuple[str, str] = ADMIN) -> Any:
+        """The task once done."""
+        for _ in range(200):
+            if task["state"] in ("success", "error"):
+                return task
+            await asyncio.sleep(0.02)
+            task = await self.call("GET", f"/tasks/{task['id']}", status=200, auth=auth)
+        raise AssertionError(f"task {task} did not finish")
+
+
+def center_config(tmp_path: Path) -> CenterConfig:
+    # Short sync intervals: a host that stops answering is seen within a second.
+    sync = SyncConfig(ping_interval_s=0.1, ping_timeout_s=0.5, reconnect_max_s=0.5)
+    return CenterConfig(state_dir=tmp_path / "state", api=CenterApiConfig(tls=False), sync=sync)
+
+
+@contextlib.asynccontextmanager
+async def running_center(tmp_path: Path) -> AsyncIterator[Center]:
+    agent = CenterAgent(center_config(tmp_path))
+    agent.users = agent.gate.users = UserStore(tmp_path / "state" / "users.json", hasher=FAST)
+    agent.users.add_user("admin", PASSWORD, Role.ADMIN)
+    agent.users.add_user("alice", PASSWORD, Role.READ_ONLY)
+    await agent.start()
+    transport = httpx.ASGITransport(app=create_center_app(agent, start_agent=False))
+    try:
+        async with httpx.AsyncClient(transport=transport, base_url="http://center/api/v1") as c:
+            yield Center(agent, c)
+    finally:
+        await agent.stop()
+        agent.events.close()
+
+
+def run(tmp_path: Path, scenario: Callable[[Center], Awaitable[None]]) -> None:
+    async def go() -> None:
+        async with running_center(tmp_path) as center:
+            await scenario(center)
+
+    asyncio.run(go())
+
+
+@pytest.fixture
+def lab() -> Callable[..., FakeHost]:
+    """Makes fake hosts at addresses of their own, taken away after the test."""
+    made: list[str] = []
+
+    def make(name: str, **kwargs: Any) -> FakeHost:
+        address = kwargs.pop("address", f"fake://{name}-{uuid.uuid4().hex[:8]}")
+        made.append(address)
+        return fake_host(address, name=name, **kwargs)
+
+    yield make
+    for address in made:
+        remove_fake_host(address)
+
+
+# --- the tree -------------------------------------------------------------------------
+
+
+def test_the_tree_is_built_renamed_moved_and_deleted(tmp_path: Path) -> None:
+    async def scenario(c: Center) -> None:
+        dc = await c.node("datacenter", None, "dc1")
+        prod = await c.node("folder", dc, "prod")
+        web = await c.node("folder", "/dc1/prod", "web")
+        cluster = await c.node("cluster", dc, "c1")
+        found = await c.call("GET", "/nodes", params={"path": "/dc1/prod/web"}, status=200)
+        assert found == {
+            "id": web,
+            "kind": "folder",
+            "name": "web",
+            "parent_id": prod,
+            "path": "/dc1/prod/web",
+            "tags": [],
+        }
+        tree = await c.call("GET", "/inventory", status=200)
+        assert [n["path"] for n in tree[0]["children"]] == ["/dc1/prod", "/dc1/c1"]
+        moved = await c.call("PATCH", f"/nodes/{web}", json={"parent": dc}, status=200)
+        assert moved["path"] == "/dc1/web"
+        renamed = await c.call("PATCH", f"/nodes/{web}", json={"name": "www"}, status=200)
+        assert renamed["path"] == "/dc1/www"
+        await c.call("DELETE", f"/nodes/{cluster}", status=204)
+        await c.call("GET", f"/nodes/{cluster}", status=404)
+        kinds = [e["kind"] for e in await c.call("GET", "/events", status=200)]
+        assert kinds.count("inventory.created") == 4 and "inventory.deleted" in kinds
+
+    run(tmp_path, scenario)
+
+
+def test_bad_tree_changes_are_refused_and_change_nothing(tmp_path: Path) -> None:
+    async def scenario(c: Center) -> None:
+        dc = await c.node("datacenter", None, "dc1")
+        prod = await c.node("folder", dc, "prod")
+        inner = await c.node("folder", prod, "inner")
+        before = await c.call("GET", "/inventory", status=200)
+
+        async def refused(method: str, path: str, body: dict[str, Any], status: int) -> str:
+            answer = await c.call(method, path, json=body, status=status)
+            message: str = answer["message"]
+            return message
+
+        duplicate = await refused("POST", "/folders", {"parent": dc, "name": "prod"}, 409)
+        assert duplicate == "folder 'prod' already exists in /dc1"
+        assert (await refused("POST", "/datacenters", {"name": "dc1"}, 409)).startswith(
+            "datacenter 'dc1' already exists"
+        )
+        into_self = await refused("PATCH", f"/nodes/{prod}", {"parent": inner}, 400)
+        assert into_self.startswith("parent: cannot move /dc1/prod into itself")
+        unknown = await refused("POST", "/folders", {"parent": 9999, "name": "x"}, 400)
+        assert unknown == "parent: no inventory object with id 9999"
+        no_path = await refused("POST", "/clusters", {"parent": "/dc9", "name": "x"}, 400)
+        assert no_path == "parent: no inventory object at /dc9"
+        assert (await refused("POST", "/folders", {"parent": dc, "name": "a/b"}, 400)).startswith(
+            "name: "
+        )
+        assert (await refused("POST", "/folders", {"parent": dc}, 400)) == "name: Field required"
+        not_empty = await c.call("DELETE", f"/nodes/{prod}", status=400)
+        assert not_empty["message"] == "node: folder /dc1/prod is not empty (1 objects in it)"
+        clash = await c.node("folder", dc, "other")
+        await refused("PATCH", f"/nodes/{clash}", {"parent": prod, "name": "inner"}, 409)
+        await c.call("DELETE", f"/nodes/{clash}", status=204)
+        assert await c.call("GET", "/inventory", status=200) == before
+
+    run(tmp_path, scenario)
+
+
+def test_a_partial_view_of_the_tree_keeps_the_way_to_what_is_visible() -> None:
+    # With a role that reads nothing (none exists yet), a user sees only the objects they
+    # may read and the objects above them, so that each shows where it is.
+    def entry(node_id: int, name: str, *children: dict[str, Any]) -> dict[str, Any]:
+        return {"id": node_id, "kind": "folder", "name": name, "children": list(children)}
+
+    tree = [entry(1, "dc1", entry(2, "prod", entry(3, "a/b")), entry(4, "dev")), entry(5, "dc2")]
+    kept = pruned_tree(tree, "/", {3})
+    assert [(n.path, [c.path for c in n.children]) for n in kept] == [("/dc1", ["/dc1/prod"])]
+    assert [c.path for c in kept[0].children[0].children] == ["/dc1/prod/a%2Fb"]
+    assert [n.path for n in pruned_tree(tree, "/", None)] == ["/dc1", "/dc2"]
+    assert pruned_tree(tree, "/", set()) == []
+
+
+# --- hosts ----------------------------------------------------------------------------
+
+
+def test_a_host_that_cannot_be_reached_or_trusted_is_not_added(
+    tmp_path: Path, lab: Callable[..., FakeHost]
+) -> None:
+    host = lab("esx1", fingerprint=FINGERPRINT)
+
+    async def scenario(c: Center) -> None:
+        dc = await c.node("datacenter", None, "dc1")
+        body = {"parent": dc, "provider": "fake", "address": host.address}
+        body |= {"username": "admin", "password": "secret"}
+
+        async def refused(**change: Any) -> str:
+            answer = await c.call("POST", "/hosts", json=body | change, status=400)
+            assert answer["error"] == "invalid_argument"
+            message: str = answer["message"]
+            return message
+
+        unpinned = await refused()
+        assert unpinned.startswith("fingerprint: ") and FINGERPRINT in unpinned
+        wrong = await refused(fingerprint=":".join(["CD"] * 32))
+        assert wrong.startswith("fingerprint: ") and f"pinned {'CD:' * 31}CD" in wrong
+        assert (await refused(fingerprint=FINGERPRINT, password="nope")).startswith("password: ")
+        unreachable = await refused(address="fake://nowhere", fingerprint=FINGERPRINT)
+        assert unreachable.startswith("address: cannot connect: ")
+        assert (await refused(provider="hyperv")).startswith("provider: unknown kind 'hyperv'")
+        assert await c.call("GET", "/hosts", status=200) == []
+        assert (await c.call("GET", "/inventory", status=200))[0]["children"] == []
+        added = await c.add_host(dc, host, fingerprint=FINGERPRINT)
+        assert (added["name"], added["path"], added["state"]) == ("esx1", "/dc1/esx1", "connected")
+        twice = body | {"fingerprint": FINGERPRINT, "name": "other"}
+        again = await c.call("POST", "/hosts", json=twice, status=409)
+        assert (
+            again["message"] == f"a fake host at {host.address} is already registered as /dc1/esx1"
+        )
+
+    run(tmp_path, scenario)
+
+
+def test_operations_through_the_center_reach_the_host(
+    tmp_path: Path, lab: Callable[..., FakeHost]
+) -> None:
+    host = lab("kvm1", vms=["web"], templates=["debian"])
+
+    async def scenario(c: Center) -> None:
+        dc = await c.node("datacenter", None, "dc1")
+        await c.add_host(dc, host)
+        vms = await c.call("GET", "/vms", params={"template": False}, status=200)
+        assert [(v["path"], v["power_state"]) for v in vms] == [("/dc1/kvm1/web", "stopped")]
+        web = vms[0]["id"]
+        task = await c.call("POST", f"/vms/{web}/power/start", status=202)
+        assert task["kind"] == "vm.start" and task["object"] == "/dc1/kvm1/web"
+        done = await c.finished(task)
+        assert done["state"] == "success" and done["result"]["power_state"] == "running"
+        assert host.vm_named("web").power_state is PowerState.RUNNING
+        vm = await c.call("GET", f"/vms/{web}", status=200)
+        assert vm["power_state"] == "running"
+        refused = await c.finished(await c.call("POST", f"/vms/{web}/power/start", status=202))
+        assert refused["error"] == {
+            "error": "invalid_state",
+            "message": "vm 'web': cannot start while running",
+        }
+        bad = await c.call("POST", f"/vms/{web}/power/explode", status=400)
+        assert bad["message"].startswith("action: Input should be 'start'")
+        template = await c.vm_id("debian")
+        body = {"host": "/dc1/kvm1", "name": "db", "template": template, "memory_mib": 512}
+        created = await c.finished(await c.call("POST", "/vms", json=body, status=202))
+        assert created["state"] == "success", created
+        assert host.vm_named("db").memory_mib == 512
+        db = await c.vm_id("db")
+        snap = await c.finished(
+            await c.call("POST", f"/vms/{db}/snapshots", json={"name": "s1"}, status=202)
+        )
+        assert snap["result"]["name"] == "s1"
+        snaps = await c.call("GET", f"/vms/{db}/snapshots", status=200)
+        assert [(s["name"], s["current"]) for s in snaps] == [("s1", True)]
+        gone = await c.finished(await c.call("DELETE", f"/vms/{db}", status=202))
+        assert gone["state"] == "success" and "db" not in [v.name for v in host.vms.values()]
+        await c.call("GET", f"/vms/{db}", status=404)
+
+    run(tmp_path, scenario)
+
+
+def test_an_operation_on_a_disconnected_host_is_refused(
+    tmp_path: Path, lab: Callable[..., FakeHost]
+) -> None:
+    host = lab("kvm2", vms=["app"])
+
+    async def scenario(c: Center) -> None:
+        dc = await c.node("datacenter", None, "dc1")
+        added = await c.add_host(dc, host)
+        app = await c.vm_id("app")
+        host.set_reachable(False)
+        for _ in range(100):
+            state = (await c.call("GET", f"/hosts/{added['id']}", status=200))["state"]
+            if state == "disconnected":
+                break
+            await asyncio.sleep(0.05)
+        refused = await c.call("POST", f"/vms/{app}/power/start", status=409)
+        assert refused["error"] == "disconnected"
+        assert refused["message"].startswith("host 'kvm2' is disconnected: ")
+        vm = await c.call("GET", f"/vms/{app}", status=200)
+        assert (vm["power_state"], vm["last_power_state"]) == ("unknown", "stopped")
+        assert host.vm_named("app").power_state is PowerState.STOPPED
+        host.set_reachable(True)
+        back = await c.call("POST", f"/hosts/{added['id']}/reconnect", status=200)
+        assert back["state"] == "connected"
+        vms = await c.call("GET", "/vms", status=200)
+        assert [(v["id"], v["power_state"]) for v in vms] == [(app, "stopped")]
+
+    run(tmp_path, scenario)
+
+
+# --- permissions ----------------------------------------------------------------------
+
+
+def test_an_operator_of_one_folder_powers_vms_there_only(
+    tmp_path: Path, lab: Callable[..., FakeHost]
+) -> None:
+    prod_host, dev_host = lab("prod1", vms=["shop"]), lab("dev1", vms=["test"])
+
+    async def scenario(c: Center) -> None:
+        dc = await c.node("datacenter", None, "dc1")
+        prod = await c.node("folder", dc, "prod")
+        dev = await c.node("folder", dc, "dev")
+        await c.add_host(prod, prod_host)
+        await c.add_host(dev, dev_host)
+        shop, test = await c.vm_id("shop"), await c.vm_id("test")
+        denied = await c.call("POST", f"/vms/{shop}/power/start", auth=ALICE, status=403)
+        assert denied == {
+            "error": "forbidden",
+            "message": "user 'alice' may not power /dc1/prod/prod1/shop (role there: read-only)",
+        }
+        grant = {"role": "operator"}
+        await c.call("PUT", f"/nodes/{prod}/permissions/alice", json=grant, auth=ALICE, status=403)
+        granted = await c.call("PUT", f"/nodes/{prod}/permissions/alice", json=grant, status=200)
+        assert granted == {
+            "node_id": prod,
+            "path": "/dc1/prod",
+            "user": "alice",
+            "role": "operator",
+        }
+        task = await c.call("POST", f"/vms/{shop}/power/start", auth=ALICE, status=202)
+        assert (await c.finished(task, ALICE))["state"] == "success"
+        assert prod_host.vm_named("shop").power_state is PowerState.RUNNING
+        denied = await c.call("POST", f"/vms/{test}/power/start", auth=ALICE, status=403)
+        assert denied["message"].startswith("user 'alice' may not power /dc1/dev/dev1/test")
+        assert dev_host.vm_named("test").power_state is PowerState.STOPPED
+        # Operators power VMs; they do not change them, not even in their folder.
+        await c.call("DELETE", f"/vms/{shop}", auth=ALICE, status=403)
+        await c.call("POST", "/folders", json={"parent": prod, "name": "x"}, auth=ALICE, status=403)
+        grants = await c.call("GET", "/permissions", params={"user": "alice"}, status=200)
+        assert [(g["path"], g["role"]) for g in grants] == [("/dc1/prod", "operator")]
+        await c.call("DELETE", f"/nodes/{prod}/permissions/alice", status=204)
+        await c.call("POST", f"/vms/{shop}/power/stop", auth=ALICE, status=403)
+        nobody = await c.call("PUT", f"/nodes/{dev}/permissions/bob", json=grant, status=400)
+        assert nobody["message"] == "user: no user 'bob' in this center"
+
+    run(tmp_path, scenario)
+
+
+def test_a_grant_can_lower_a_role_on_part_of_the_tree(
+    tmp_path: Path, lab: Callable[..., FakeHost]
+) -> None:
+    host = lab("lab1", vms=["vm1"])
+
+    async def scenario(c: Center) -> None:
+        c.agent.users.add_user("root2", PASSWORD, Role.ADMIN)
+        dc = await c.node("datacenter", None, "dc1")
+        await c.add_host(dc, host)
+        vm1 = await c.vm_id("vm1")
+        await c.call(
+            "PUT", f"/nodes/{dc}/permissions/root2", json={"role": "read-only"}, status=200
+        )
+        root2 = ("root2", PASSWORD)
+        denied = await c.call("POST", f"/vms/{vm1}/power/start", auth=root2, status=403)
+        assert denied["message"].endswith("(role there: read-only)")
+        # Still an admin at the root, where datacenters are made.
+        await c.call("POST", "/datacenters", json={"name": "dc2"}, auth=root2, status=201)
+
+    run(tmp_path, scenario)
+
+
+# --- events, tasks, tags, the API itself ------------------------------------------------
+
+
+def test_the_hosts_events_are_merged_into_the_centers(
+    tmp_path: Path, lab: Callable[..., FakeHost]
+) -> None:
+    one, two = lab("h1", vms=["a"]), lab("h2", vms=["b"])
+
+    async def scenario(c: Center) -> None:
+        dc = await c.node("datacenter", None, "dc1")
+        await c.add_host(dc, one)
+        await c.add_host(dc, two)
+        two.set_power(two.vm_named("b").id, PowerState.RUNNING)  # behind the center's back
+        a = await c.vm_id("a")
+        await c.finished(await c.call("POST", f"/vms/{a}/power/start", status=202))
+        for _ in range(100):
+            events = await c.call("GET", "/events", params={"kind": "vm."}, status=200)
+            if len(events) >= 2:
+                break
+            await asyncio.sleep(0.02)
+        assert sorted((e["object"], e["kind"]) for e in events) == [
+            ("host/h1/vm/a", "vm.start"),
+            ("host/h2/vm/b", "vm.running"),
+        ]
+        b = await c.call("GET", "/vms", params={"name": "b"}, status=200)
+        assert b[0]["power_state"] == "running"
+        connected = await c.call("GET", "/events", params={"kind": "host.connected"}, status=200)
+        assert {e["object"] for e in connected} == {"host/h1", "host/h2"}
+        tasks = await c.call("GET", "/tasks", status=200)
+        assert [(t["kind"], t["object"], t["user"]) for t in tasks] == [
+            ("vm.start", "/dc1/h1/a", "admin")
+        ]
+
+    run(tmp_path, scenario)
+
+
+def test_tags_on_objects(tmp_path: Path) -> None:
+    async def scenario(c: Center) -> None:
+        dc = await c.node("datacenter", None, "dc1")
+        prod = await c.node("folder", dc, "prod")
+        await c.call("POST", "/tags", json={"name": "gold", "category": "tier"}, status=201)
+        await c.call("POST", "/tags", json={"name": "gold"}, status=409)
+        tags = await c.call("PUT", f"/nodes/{prod}/tags/gold", status=200)
+        assert [t["name"] for t in tags] == ["gold"]
+        await c.call("PUT", f"/nodes/{prod}/tags/silver", status=404)
+        await c.call("PUT", f"/nodes/{prod}/tags/gold", auth=ALICE, status=403)
+        tagged = await c.call("GET", "/tags/gold", status=200)
+        assert [n["path"] for n in tagged["nodes"]] == ["/dc1/prod"]
+        assert (await c.call("GET", f"/nodes/{prod}", status=200))["tags"] == ["gold"]
+        await c.call("DELETE", f"/nodes/{prod}/tags/gold", status=204)
+        await c.call("DELETE", f"/nodes/{prod}/tags/gold", status=404)
+        await c.call("DELETE", "/tags/gold", status=204)
+        assert await c.call("GET", "/tags", status=200) == []
+
+    run(tmp_path, scenario)
+
+
+def test_health_center_info_authentication_and_the_schema(
+    tmp_path: Path, lab: Callable[..., FakeHost]
+) -> None:
+    host = lab("h1", vms=["a", "b"], templates=["t"])
+
+    async def scenario(c: Center) -> None:
+        health = await c.client.get("/health")
+        assert health.status_code == 200 and health.json()["status"] == "ok"
+        unauthenticated = await c.client.get("/center")
+        assert unauthenticated.status_code == 401
+        assert unauthenticated.json()["error"] == "unauthorized"
+        await c.call("GET", "/center", auth=("alice", "wrong"), status=401)
+        await c.add_host(await c.node("datacenter", None, "dc1"), host)
+        info = await c.call("GET", "/center", status=200)
+        assert info["database"] == "sqlite" and info["hosts"] == {"connected": 1}
+        assert (info["vms"], info["templates"]) == ({"stopped": 2}, 1)
+        login = await c.call("POST", "/auth/login", json={"user": "alice", "password": PASSWORD},
+                             auth=("", ""), status=200)  # fmt: skip
+        whoami = await c.client.get(
+            "/auth/whoami", headers={"Authorization": f"Bearer {login['token']}"}
+        )
+        assert whoami.json() == {"user": "alice", "role": "read-only"}
+        schema = (await c.client.get("/openapi.json")).json()
+        assert schema["info"]["title"] == "thinvisor center API"
+        for path in ("/api/v1/vms/{vm_id}/power/{action}", "/api/v1/hosts", "/api/v1/inventory"):
+            assert path in schema["paths"]
+        assert (await c.client.get("/docs")).status_code == 200
+
+    run(tmp_path, scenario)
+
+
+# --- WebSockets through a real server ---------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def served(center: Center) -> AsyncIterator[str]:
+    """The center's app on a loopback port: its ``ws://`` base URL."""
+    app = create_center_app(center.agent, start_agent=False)
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_config=None, lifespan="off")
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve())
+    for _ in range(500):
+        if server.started:
+            break
+        await asyncio.sleep(0.01)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"ws://127.0.0.1:{port}/api/v1"
+    finally:
+        server.should_exit = True
+        await task
+
+
+def basic(user: str, password: str) -> dict[str, str]:
+    token = base64.b64encode(f"{user}:{password}".encode()).decode()
+    return {"Authorization": f"Basic {token}"}
+
+
+@contextlib.asynccontextmanager
+async def console_host() -> AsyncIterator[tuple[str, list[str]]]:
+    """A WebSocket server standing for a host's console: it says hello, echoes every
+    frame as it came, and closes with 1011 on "bye". Its address and the paths asked."""
+    paths: list[str] = []
+
+    async def handler(conn: ServerConnection) -> None:
+        paths.append(conn.request.path if conn.request else "")
+        await conn.send("hello")
+        async for message in conn:
+            if message == "bye":
+                await conn.close(1011, "the guest went away")
+                return
+            await conn.send(message)
+
+    async with serve(handler, "127.0.0.1", 0) as server:
+        port = next(iter(server.sockets)).getsockname()[1]
+        yield f"ws://127.0.0.1:{port}", paths
+
+
+def test_the_center_brokers_a_hosts_console(tmp_path: Path, lab: Callable[..., FakeHost]) -> None:
+    async def scenario(c: Center) -> None:
+        async with console_host() as (address, paths), served(c) as base:
+            host = lab("con1", address=address, vms=["vm1"])
+            await c.add_host(await c.node("datacenter", None, "dc1"), host)
+            vm1 = await c.vm_id("vm1")
+            url = f"{base}/vms/{vm1}/console/serial?port=serial1"
+            async with connect(url, additional_headers=basic(*ADMIN)) as ws:
+                assert await ws.recv() == "hello"
+                await ws.send(b"\x00\x01binary")
+                assert await ws.recv() == b"\x00\x01binary"
+                await ws.send("text")
+                assert await ws.recv() == "text"
+                await ws.send("bye")
+                with pytest.raises(ConnectionClosed) as closed:
+                    await ws.recv()
+            assert closed.value.rcvd is not None
+            assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (
+                1011,
+                "the guest went away",
+            )
+            assert paths == [f"/vms/{host.vm_named('vm1').id}/console/serial?port=serial1"]
+            with pytest.raises(InvalidStatus) as refused:
+                await connect(url, additional_headers=basic(*ALICE))
+            assert refused.value.response.status_code == 403
+
+    run(tmp_path, scenario)
+
+
+def test_a_console_the_center_cannot_broker_closes_with_the_reason(
+    tmp_path: Path, lab: Callable[..., FakeHost]
+) -> None:
+    host = lab("con2", vms=["vm1"])
+
+    async def scenario(c: Center) -> None:
+        await c.add_host(await c.node("datacenter", None, "dc1"), host)
+        vm1 = await c.vm_id("vm1")
+        async with served(c) as base:
+            url = f"{base}/vms/{vm1}/console/vnc"
+            async with connect(url, additional_headers=basic(*ADMIN)) as ws:
+                with pytest.raises(ConnectionClosed) as closed:
+                    await ws.recv()
+            assert closed.value.rcvd is not None
+            assert closed.value.rcvd.code == 1011
+            assert closed.value.rcvd.reason == "the center cannot broker fake:// consoles"
+            with pytest.raises(InvalidStatus) as missing:
+                await connect(f"{base}/vms/9999/console/vnc", additional_headers=basic(*ADMIN))
+            assert missing.value.response.status_code == 404
+
+    run(tmp_path, scenario)
+
+
+def test_the_event_stream_carries_the_hosts_events(
+    tmp_path: Path, lab: Callable[..., FakeHost]
+) -> None:
+    host = lab("ev1", vms=["vm1"])
+
+    async def scenario(c: Center) -> None:
+        await c.add_host(await c.node("datacenter", None, "dc1"), host)
+        last = (await c.call("GET", "/events", params={"limit": 1}, status=200))[-1]["id"]
+        async with served(c) as base:
+            # Replaying from the last id: nothing is missed before the subscription.
+            url = f"{base}/events/stream?since={last}"
+            async with connect(url, additional_headers=basic(*ALICE)) as ws:
+                host.set_power(host.vm_named("vm1").id, PowerState.RUNNING)
+                event = json.loads(await ws.recv())
+            assert (event["kind"], event["object"]) == ("vm.running", "host/ev1/vm/vm1")
+
+    run(tmp_path, scenario)

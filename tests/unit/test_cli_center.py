@@ -1,0 +1,388 @@
+"""``thinvisor center``: the CLI against a real center.
+
+One ``thinvisor center serve`` process (TLS, SQLite in ``tmp_path``) for the server
+itself: logging in pins its certificate, SIGTERM stops it, a database it cannot reach
+stops it with one line. The commands on hosts and VMs run against a center served
+in-process (a thread of this test, so that the fake provider's hosts, which live in this
+process, are the ones it manages).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+from argon2 import PasswordHasher
+
+from thinvisor.auth import Role, UserStore
+from thinvisor.center.agent import CenterAgent
+from thinvisor.center.api.app import create_center_app
+from thinvisor.center.config import CenterApiConfig, CenterConfig
+from thinvisor.cli.center import normal_fingerprint
+from thinvisor.cli.center_client import center_url
+from thinvisor.cli.remote import Login, pinned_context, save_login
+from thinvisor.errors import InvalidArgument
+from thinvisor.providers.base import PowerState
+from thinvisor.providers.fake import FakeHost, fake_host, remove_fake_host
+from thinvisor.tls import fingerprint
+
+from .clienv import tv
+
+FAST = PasswordHasher(time_cost=1, memory_cost=8, parallelism=1)
+PASSWORD = "password123"
+HOST_FINGERPRINT = ":".join(["5A"] * 32)
+THINVISOR = str(Path(sys.executable).with_name("thinvisor"))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def write_config(tmp_path: Path, port: int, database: str | None = None) -> Path:
+    config = tmp_path / "center.toml"
+    text = f'state_dir = "{tmp_path / "state"}"\n[api]\nlisten = "127.0.0.1"\nport = {port}\n'
+    if database is not None:
+        text += f'[database]\nurl = "{database}"\n'
+    config.write_text(text)
+    return config
+
+
+# --- parsing --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "url"),
+    [
+        ("center.example", "https://center.example:9443"),
+        ("10.0.0.5:9000", "https://10.0.0.5:9000"),
+        ("https://c:9443/api/v1", "https://c:9443"),
+        ("http://c", "http://c"),
+        ("[::1]", "https://[::1]:9443"),
+    ],
+)
+def test_center_urls(text: str, url: str) -> None:
+    assert center_url(text) == url
+
+
+def test_fingerprints_in_any_spelling() -> None:
+    colons = ":".join(["AB"] * 32)
+    assert normal_fingerprint("ab" * 32) == colons
+    assert normal_fingerprint(colons.lower()) == colons
+    with pytest.raises(InvalidArgument, match="fingerprint: 'AB:CD' is not a SHA-256"):
+        normal_fingerprint("AB:CD")
+
+
+# --- the server process ---------------------------------------------------------------
+
+
+def wait_healthy(url: str, fp: str, proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 30
+    with httpx.Client(verify=pinned_context(fp), trust_env=False) as client:
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, "the center exited"
+            try:
+                if client.get(f"{url}/api/v1/health").status_code == 200:
+                    return
+            except httpx.TransportError:
+                time.sleep(0.1)
+    raise AssertionError("the center did not answer")
+
+
+def test_serve_login_and_sigterm(tmp_path: Path) -> None:
+    port = free_port()
+    config = write_config(tmp_path, port)
+    env = {"THINVISOR_CENTER_CONFIG": str(config), "XDG_CONFIG_HOME": str(tmp_path / "xdg")}
+    (tmp_path / "pw").write_text(PASSWORD + "\n")
+    out = tv(env, "center", "init", "--user", "root", "--password-file", str(tmp_path / "pw"))
+    assert out.startswith("created admin user 'root'")
+    log = (tmp_path / "center.log").open("wb")
+    proc = subprocess.Popen(
+        [THINVISOR, "center", "serve", "--config", str(config)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, **env},
+    )
+    try:
+        url = f"https://127.0.0.1:{port}"
+        for _ in range(300):
+            if (tmp_path / "state" / "tls" / "center.crt").exists():
+                break
+            time.sleep(0.05)
+        fp = fingerprint(tmp_path / "state" / "tls" / "center.crt")
+        wait_healthy(url, fp, proc)
+        login = ["center", "login", url, "--user", "root", "--password-file", str(tmp_path / "pw")]
+        refused = tv(env, *login, "--fingerprint", HOST_FINGERPRINT, code=1)
+        assert (
+            refused == f"error: fingerprint: {url} presented a certificate with fingerprint {fp}\n"
+        )
+        assert tv(env, *login, "--fingerprint", fp.replace(":", "").lower()).startswith(
+            f"logged in to {url} as root (admin)"
+        )
+        saved = json.loads((tmp_path / "xdg" / "thinvisor" / "center-login.json").read_text())
+        assert (saved["url"], saved["fingerprint"]) == (url, fp)
+        info = json.loads(tv(env, "center", "info", "--json"))
+        assert (info["tls_fingerprint"], info["database"]) == (fp, "sqlite")
+        assert tv(env, "center", "datacenter", "create", "dc1") == "created datacenter /dc1\n"
+        # Fake hosts live in the process that made them: this center has none.
+        error = tv(env, "center", "host", "add", "fake://x", "--provider", "fake",
+                   "--parent", "/dc1", code=1)  # fmt: skip
+        assert error.startswith("error: address: cannot connect: fake://x: no answer")
+        assert error.count("\n") == 1
+        proc.send_signal(signal.SIGTERM)
+        # uvicorn stops gracefully, then dies of the signal it caught, as daemons do.
+        assert proc.wait(timeout=20) in (0, -signal.SIGTERM)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
+    text = (tmp_path / "center.log").read_text()
+    assert f"TLS certificate SHA-256 fingerprint: {fp}" in text
+    # Stopped gracefully: the agent said so in its event log.
+    events = (tmp_path / "state" / "events.jsonl").read_text()
+    assert '"kind":"center.stopped"' in events
+
+
+def test_a_database_that_cannot_be_reached_stops_serve_with_one_line(tmp_path: Path) -> None:
+    config = write_config(
+        tmp_path, free_port(), f"postgresql://tv:secret@127.0.0.1:{free_port()}/tv"
+    )
+    result = subprocess.run(
+        [THINVISOR, "center", "serve", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: database.url: cannot connect to postgresql")
+    assert result.stderr.count("\n") == 1 and "secret" not in result.stderr
+
+
+# --- the commands, against a center in this process -----------------------------------
+
+
+class ThreadCenter:
+    """A center served by uvicorn in a thread of this process, on plain HTTP."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        config = CenterConfig(state_dir=tmp_path / "state", api=CenterApiConfig(tls=False))
+        self.agent = CenterAgent(config)
+        users = UserStore(tmp_path / "state" / "users.json", hasher=FAST)
+        self.agent.users = self.agent.gate.users = users
+        users.add_user("admin", PASSWORD, Role.ADMIN)
+        users.add_user("alice", PASSWORD, Role.READ_ONLY)
+        app = create_center_app(self.agent)
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan="on")
+        )
+        self.thread = threading.Thread(target=self.server.run, name="center", daemon=True)
+
+    def __enter__(self) -> ThreadCenter:
+        self.thread.start()
+        for _ in range(500):
+            if self.server.started:
+                return self
+            time.sleep(0.01)
+        raise AssertionError("the center did not start")
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+        self.agent.events.close()
+
+    def env(self, tmp_path: Path, user: str) -> dict[str, str]:
+        """An environment logged in to this center as ``user``."""
+        _, token = self.agent.users.create_token(user, "test")
+        xdg = tmp_path / f"xdg-{user}"
+        save_login(
+            Login(url=self.url, token=token, user=user), xdg / "thinvisor" / "center-login.json"
+        )
+        return {"XDG_CONFIG_HOME": str(xdg), "THINVISOR_CENTER_CONFIG": str(tmp_path / "none")}
+
+
+@pytest.fixture
+def center(tmp_path: Path) -> Iterator[ThreadCenter]:
+    with ThreadCenter(tmp_path) as running:
+        yield running
+
+
+@pytest.fixture
+def hosts() -> Iterator[list[FakeHost]]:
+    tag = uuid.uuid4().hex[:6]
+    made = [
+        fake_host(f"fake://a-{tag}", name="hosta", vms=["web", "db"], templates=["tmpl"],
+                  fingerprint=HOST_FINGERPRINT),
+        fake_host(f"fake://b-{tag}", name="hostb", vms=["web"]),
+    ]  # fmt: skip
+    yield made
+    for host in made:
+        remove_fake_host(host.address)
+
+
+def test_hosts_tree_and_vms_through_the_cli(
+    center: ThreadCenter, hosts: list[FakeHost], tmp_path: Path
+) -> None:
+    a, b = hosts
+    admin = center.env(tmp_path, "admin")
+    (tmp_path / "hostpw").write_text("secret\n")
+    assert tv(admin, "center", "tree") == (
+        "the inventory is empty; start with 'thinvisor center datacenter create'\n"
+    )
+    tv(admin, "center", "datacenter", "create", "dc1")
+    assert tv(admin, "center", "folder", "create", "/dc1", "prod") == "created folder /dc1/prod\n"
+    tv(admin, "center", "cluster", "create", "/dc1", "c1")
+    add = ["center", "host", "add", a.address, "--provider", "fake", "--parent", "/dc1/prod",
+           "--user", "admin", "--password-file", str(tmp_path / "hostpw")]  # fmt: skip
+    unpinned = tv(admin, *add, code=1)
+    assert unpinned == (
+        f"error: fingerprint: {a.address} presented a certificate with SHA-256 fingerprint "
+        f"{HOST_FINGERPRINT}; check it on the host ('thinvisor host info' there) and run "
+        f"again with --fingerprint {HOST_FINGERPRINT}\n"
+    )
+    assert tv(admin, *add, "--fingerprint", HOST_FINGERPRINT) == (
+        "added host /dc1/prod/hosta (fake, connected)\n"
+    )
+    tv(admin, "center", "host", "add", b.address, "--provider", "fake", "--parent", "/dc1/c1",
+       "--user", "admin", "--password-file", str(tmp_path / "hostpw"))  # fmt: skip
+    tree = tv(admin, "center", "tree")
+    for line in ("hosta (host, connected)", "web (vm, stopped)", "tmpl (template)"):
+        assert line in tree
+    hosts_json = json.loads(tv(admin, "center", "host", "list", "--json"))
+    assert [h["path"] for h in hosts_json] == ["/dc1/c1/hostb", "/dc1/prod/hosta"]
+    found = json.loads(tv(admin, "center", "vm", "find", "web", "--json"))
+    assert [v["path"] for v in found] == ["/dc1/c1/hostb/web", "/dc1/prod/hosta/web"]
+    ambiguous = tv(admin, "center", "vm", "start", "web", code=1)
+    assert ambiguous == (
+        "error: vm: 2 vms are named 'web' (/dc1/c1/hostb/web, /dc1/prod/hosta/web): give a path\n"
+    )
+    assert tv(admin, "center", "vm", "start", "/dc1/prod/hosta/web") == (
+        "vm /dc1/prod/hosta/web: running\n"
+    )
+    assert a.vm_named("web").power_state is PowerState.RUNNING
+    assert tv(admin, "center", "vm", "start", "db", "--no-wait").startswith("task ")
+    assert tv(admin, "center", "vm", "stop", "nothing", code=1) == "error: no vm named 'nothing'\n"
+    listed = json.loads(tv(admin, "center", "vm", "list", "--host", "hostb", "--json"))
+    assert [(v["name"], v["power_state"]) for v in listed] == [("web", "stopped")]
+    created = tv(admin, "center", "vm", "create", "hosta", "app", "--template", "tmpl")
+    assert created == "created vm /dc1/prod/hosta/app (stopped)\n"
+    assert tv(admin, "center", "vm", "clone", "app", "app2") == (
+        "cloned to vm /dc1/prod/hosta/app2 (stopped)\n"
+    )
+    assert tv(admin, "center", "vm", "set", "app2", "--memory", "1024") == (
+        "vm /dc1/prod/hosta/app2: 1 CPUs, 1024 MiB\n"
+    )
+    assert tv(admin, "center", "vm", "delete", "app2") == "deleted vm /dc1/prod/hosta/app2\n"
+    assert "app2" not in [vm.name for vm in a.vms.values()]
+
+
+def test_snapshots_tasks_events_through_the_cli(
+    center: ThreadCenter, hosts: list[FakeHost], tmp_path: Path
+) -> None:
+    b = hosts[1]
+    admin = center.env(tmp_path, "admin")
+    tv(admin, "center", "datacenter", "create", "dc1")
+    tv(admin, "center", "host", "add", b.address, "--provider", "fake", "--parent", "/dc1",
+       "--user", "admin", "--password-file", "-", stdin="secret\n")  # fmt: skip
+    assert tv(admin, "center", "vm", "snapshot", "take", "web", "before").startswith(
+        "took snapshot 'before'"
+    )
+    snaps = json.loads(tv(admin, "center", "vm", "snapshot", "list", "web", "--json"))
+    assert [(s["name"], s["current"]) for s in snaps] == [("before", True)]
+    assert tv(admin, "center", "vm", "snapshot", "revert", "web", "before") == (
+        "reverted to snapshot 'before'\n"
+    )
+    assert tv(admin, "center", "vm", "snapshot", "delete", "web", "before") == (
+        "deleted snapshot 'before'\n"
+    )
+    tasks = json.loads(tv(admin, "center", "tasks", "--json"))
+    assert [t["kind"] for t in tasks] == [
+        "vm.snapshot.delete",
+        "vm.snapshot.revert",
+        "vm.snapshot.create",
+    ]
+    events = tv(admin, "center", "events", "--kind", "snapshot.")
+    assert "snapshot.created host/hostb/vm/web [admin]: hostb: web: snapshot before taken" in events
+
+
+def test_permissions_tags_and_the_tree_through_the_cli(
+    center: ThreadCenter, hosts: list[FakeHost], tmp_path: Path
+) -> None:
+    a, b = hosts
+    admin, alice = center.env(tmp_path, "admin"), center.env(tmp_path, "alice")
+    tv(admin, "center", "datacenter", "create", "dc1")
+    tv(admin, "center", "folder", "create", "/dc1", "prod")
+    tv(admin, "center", "folder", "create", "/dc1", "dev")
+    for host, folder in ((a, "prod"), (b, "dev")):
+        tv(admin, "center", "host", "add", host.address, "--provider", "fake", "--parent",
+           f"/dc1/{folder}", "--user", "admin", "--password-file", "-",
+           "--fingerprint", HOST_FINGERPRINT, stdin="secret\n")  # fmt: skip
+    denied = tv(alice, "center", "vm", "start", "/dc1/prod/hosta/db", code=1)
+    assert denied == (
+        "error: user 'alice' may not power /dc1/prod/hosta/db (role there: read-only)\n"
+    )
+    assert tv(admin, "center", "grant", "/dc1/prod", "alice", "operator") == (
+        "alice is operator on /dc1/prod and below\n"
+    )
+    assert tv(alice, "center", "vm", "start", "/dc1/prod/hosta/db") == (
+        "vm /dc1/prod/hosta/db: running\n"
+    )
+    tv(alice, "center", "vm", "start", "/dc1/dev/hostb/web", code=1)
+    grants = json.loads(tv(admin, "center", "permissions", "--json"))
+    assert [(g["path"], g["user"], g["role"]) for g in grants] == [
+        ("/dc1/prod", "alice", "operator")
+    ]
+    assert tv(admin, "center", "revoke", "/dc1/prod", "alice") == (
+        "alice has no role granted on /dc1/prod any more\n"
+    )
+    tv(admin, "center", "tag", "create", "gold", "--category", "tier")
+    assert tv(admin, "center", "tag", "add", "/dc1/prod/hosta", "gold") == (
+        "/dc1/prod/hosta is tagged 'gold'\n"
+    )
+    shown = json.loads(tv(admin, "center", "tag", "show", "gold", "--json"))
+    assert [n["path"] for n in shown["nodes"]] == ["/dc1/prod/hosta"]
+    assert tv(admin, "center", "move", "/dc1/prod/hosta", "/dc1/dev") == (
+        "/dc1/prod/hosta is now /dc1/dev/hosta\n"
+    )
+    assert tv(admin, "center", "rename", "/dc1/dev", "test") == "/dc1/dev is now /dc1/test\n"
+    assert tv(admin, "center", "remove", "/dc1/test", code=1) == (
+        "error: node: folder /dc1/test is not empty (2 objects in it)\n"
+    )
+    assert tv(admin, "center", "remove", "/dc1/prod") == "removed folder /dc1/prod\n"
+    assert tv(admin, "center", "host", "remove", "hostb") == "removed host /dc1/test/hostb\n"
+    assert tv(admin, "center", "remove", "/dc9", code=1) == "error: no inventory object at /dc9\n"
+
+
+def test_without_a_login_the_commands_say_how_to_log_in(tmp_path: Path) -> None:
+    env = {"XDG_CONFIG_HOME": str(tmp_path / "xdg")}
+    assert tv(env, "center", "tree", code=1) == (
+        "error: not logged in to a center: run 'thinvisor center login URL' first\n"
+    )
+    assert tv(env, "center", "logout") == "not logged in to a center\n"
+
+
+def test_a_center_that_does_not_answer_is_one_line(tmp_path: Path) -> None:
+    port = free_port()
+    login = Login(url=f"http://127.0.0.1:{port}", token="tv_x", user="admin")
+    save_login(login, tmp_path / "xdg" / "thinvisor" / "center-login.json")
+    env = {"XDG_CONFIG_HOME": str(tmp_path / "xdg")}
+    error = tv(env, "center", "vm", "list", code=1)
+    assert error.startswith(f"error: cannot reach http://127.0.0.1:{port}")
+    assert error.count("\n") == 1
