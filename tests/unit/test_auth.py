@@ -2,24 +2,30 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import re
 import stat
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
+import httpx
 import pytest
 from argon2 import PasswordHasher
 from typer.testing import CliRunner
 
 import thinvisor.auth
+from thinvisor.api.app import create_app
 from thinvisor.auth import LoginThrottle, Permission, Role, UserStore, allows, permissions
 from thinvisor.auth.throttle import MAX_ADDRESSES
 from thinvisor.auth.users import VERIFIED_TTL_S
 from thinvisor.cli import common
 from thinvisor.cli.users import app
+from thinvisor.config import DatastoreConfig, HostConfig
 from thinvisor.errors import AlreadyExists, InvalidArgument, InvalidConfig, NotFound
+from thinvisor.host.agent import HostAgent
 
 from .clienv import host_env
 
@@ -62,6 +68,7 @@ MATRIX = {
     Role.ADMIN: {"read", "power", "console", "configure", "admin"},
     Role.OPERATOR: {"read", "power", "console"},
     Role.READ_ONLY: {"read"},
+    Role.NO_ACCESS: set(),
 }
 
 
@@ -72,8 +79,9 @@ def test_roles_matrix(role: Role, permission: Permission) -> None:
 
 
 def test_role_values() -> None:
-    assert [r.value for r in Role] == ["admin", "operator", "read-only"]
+    assert [r.value for r in Role] == ["admin", "operator", "read-only", "no-access"]
     assert permissions(Role("read-only")) == {Permission.READ}
+    assert permissions(Role("no-access")) == frozenset()
 
 
 # -- users -----------------------------------------------------------------------------
@@ -202,8 +210,13 @@ def test_roles_and_the_last_admin(store: UserStore) -> None:
         store.remove_user("alice")
     assert store.set_role("bob", "admin").role is Role.ADMIN
     assert store.set_role("alice", Role.READ_ONLY).role is Role.READ_ONLY
-    with pytest.raises(InvalidArgument):
+    with pytest.raises(InvalidArgument) as refused:
         store.set_role("bob", "superuser")
+    assert refused.value.field == "role"
+    assert str(refused.value) == "role: must be one of admin, operator, read-only, no-access"
+    # The last admin may not be suspended either.
+    with pytest.raises(InvalidArgument):
+        store.set_role("bob", Role.NO_ACCESS)
     store.remove_user("alice")
     assert [u.name for u in store.users()] == ["bob"]
     with pytest.raises(NotFound):
@@ -386,6 +399,53 @@ def test_throttle_memory_is_bounded() -> None:
     assert throttle.delay("first") == 0  # the oldest was dropped
 
 
+# -- a suspended account on a host -----------------------------------------------------
+
+#: The host's routes that need no permission: liveness, and trading a password for a token.
+# What a no-access user may still do: probe health, log in, ask who they are.
+OPEN_ROUTES = {"/api/v1/health", "/api/v1/auth/login", "/api/v1/auth/whoami"}
+
+
+def test_a_no_access_user_logs_in_to_a_host_but_may_do_nothing(tmp_path: Path) -> None:
+    config = HostConfig(
+        state_dir=tmp_path / "state",
+        run_dir=tmp_path / "run",
+        cache_dir=tmp_path / "cache",
+        datastores=[DatastoreConfig(name="local", path=tmp_path / "local")],
+    )
+    agent = HostAgent(config)
+    agent.users = agent.gate.users = UserStore(config.state_dir / "users.json", hasher=FAST)
+    agent.users.add_user("idle", PW, Role.NO_ACCESS)
+    app = create_app(agent, start_agent=False)
+
+    async def sweep() -> int:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://host") as client:
+            assert (await client.get("/api/v1/health")).status_code == 200
+            login = await client.post("/api/v1/auth/login", json={"user": "idle", "password": PW})
+            assert login.status_code == 200 and login.json()["role"] == "no-access"
+            headers = {"Authorization": f"Bearer {login.json()['token']}"}
+            whoami = await client.get("/api/v1/auth/whoami", headers=headers)
+            assert whoami.json() == {"user": "idle", "role": "no-access"}
+            routes = [
+                (method, path)
+                for path, operations in app.openapi()["paths"].items()
+                for method in operations
+                if path not in OPEN_ROUTES
+            ]
+            for method, path in [*routes, ("get", "/metrics")]:
+                url = re.sub(r"\{[^}]+\}", "x", path)
+                answer = await client.request(method, url, headers=headers)
+                assert answer.status_code == 403, (method, path, answer.text)
+                assert answer.json()["message"].startswith("role no-access may not ")
+            return len(routes)
+
+    try:
+        assert asyncio.run(sweep()) > 30  # every route of the host API was asked
+    finally:
+        agent.events.close()
+
+
 # -- CLI -------------------------------------------------------------------------------
 
 
@@ -437,6 +497,9 @@ def test_cli_users(tmp_path: Path, env: dict[str, str]) -> None:
     tv(env, "user", "passwd", "nobody", code=1)
     tv(env, "user", "role", "bob", "read-only")
     assert store.get("bob").role is Role.READ_ONLY
+    tv(env, "user", "role", "bob", "no-access")  # suspended: may log in, nothing more
+    assert store.get("bob").role is Role.NO_ACCESS
+    assert "no-access" in tv(env, "user", "add", "--help")
     err = tv(env, "user", "remove", "admin", code=1)
     assert err == "error: name: cannot remove the last admin\n"
     tv(env, "user", "remove", "bob")

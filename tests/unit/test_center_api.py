@@ -206,15 +206,19 @@ def test_bad_tree_changes_are_refused_and_change_nothing(tmp_path: Path) -> None
 
 
 def test_a_partial_view_of_the_tree_keeps_the_way_to_what_is_visible() -> None:
-    # With a role that reads nothing (none exists yet), a user sees only the objects they
-    # may read and the objects above them, so that each shows where it is.
+    # A user who reads only part of the tree (no-access, and a grant) sees the objects
+    # they may read and the objects above them, so that each shows where it is.
     def entry(node_id: int, name: str, *children: dict[str, Any]) -> dict[str, Any]:
         return {"id": node_id, "kind": "folder", "name": name, "children": list(children)}
 
-    tree = [entry(1, "dc1", entry(2, "prod", entry(3, "a/b")), entry(4, "dev")), entry(5, "dc2")]
+    host = {**entry(2, "h1", entry(3, "a/b")), "kind": "host", "state": "connected"}
+    tree = [entry(1, "dc1", host, entry(4, "dev")), entry(5, "dc2")]
     kept = pruned_tree(tree, "/", {3})
-    assert [(n.path, [c.path for c in n.children]) for n in kept] == [("/dc1", ["/dc1/prod"])]
-    assert [c.path for c in kept[0].children[0].children] == ["/dc1/prod/a%2Fb"]
+    assert [(n.path, [c.path for c in n.children]) for n in kept] == [("/dc1", ["/dc1/h1"])]
+    assert [c.path for c in kept[0].children[0].children] == ["/dc1/h1/a%2Fb"]
+    # The way shows where things are, not how they are: the host's state is not shown.
+    assert kept[0].children[0].state is None
+    assert pruned_tree(tree, "/", {2})[0].children[0].state == "connected"
     assert [n.path for n in pruned_tree(tree, "/", None)] == ["/dc1", "/dc2"]
     assert pruned_tree(tree, "/", set()) == []
 
@@ -399,6 +403,201 @@ def test_a_grant_can_lower_a_role_on_part_of_the_tree(
         assert denied["message"].endswith("(role there: read-only)")
         # Still an admin at the root, where datacenters are made.
         await c.call("POST", "/datacenters", json={"name": "dc2"}, auth=root2, status=201)
+
+    run(tmp_path, scenario)
+
+
+BOB = ("bob", PASSWORD)  # no-access: a tenant's user, granted a role on one folder only
+
+
+def flatten(tree: list[dict[str, Any]]) -> list[str]:
+    """The paths of an ``/inventory`` answer, depth first."""
+    return [path for n in tree for path in (n["path"], *flatten(n["children"]))]
+
+
+async def tenant_site(c: Center, web_host: FakeHost, dev_host: FakeHost) -> dict[str, int]:
+    """/dc1/prod/web/<web_host>, /dc1/prod/db, /dc1/dev/<dev_host> and /dc2; bob, whose
+    own role is no-access, is operator on /dc1/prod/web. The ids, by name."""
+    c.agent.users.add_user("bob", PASSWORD, Role.NO_ACCESS)
+    ids = {
+        "dc1": await c.node("datacenter", None, "dc1"),
+        "dc2": await c.node("datacenter", None, "dc2"),
+    }
+    ids["prod"] = await c.node("folder", ids["dc1"], "prod")
+    ids["dev"] = await c.node("folder", ids["dc1"], "dev")
+    ids["web"] = await c.node("folder", ids["prod"], "web")
+    ids["db"] = await c.node("folder", ids["prod"], "db")
+    ids[web_host.name] = (await c.add_host(ids["web"], web_host))["id"]
+    ids[dev_host.name] = (await c.add_host(ids["dev"], dev_host))["id"]
+    for vm in (*web_host.vms.values(), *dev_host.vms.values()):
+        ids[vm.name] = await c.vm_id(vm.name)
+    await c.call(
+        "PUT", f"/nodes/{ids['web']}/permissions/bob", json={"role": "operator"}, status=200
+    )
+    return ids
+
+
+def test_a_no_access_user_sees_only_their_folder_and_the_way_to_it(
+    tmp_path: Path, lab: Callable[..., FakeHost]
+) -> None:
+    web_host, dev_host = lab("web1", vms=["shop", "cart"]), lab("dev1", vms=["test"])
+
+    async def scenario(c: Center) -> None:
+        ids = await tenant_site(c, web_host, dev_host)
+        tree = await c.call("GET", "/inventory", auth=BOB, status=200)
+        # The folders above web (not what else is in them: db, dev, dc2), web, and below.
+        assert [n["path"] for n in tree] == ["/dc1"]
+        assert [n["path"] for n in tree[0]["children"]] == ["/dc1/prod"]
+        assert [n["path"] for n in tree[0]["children"][0]["children"]] == ["/dc1/prod/web"]
+        paths = flatten(tree)
+        assert {"/dc1/prod/web/web1/shop", "/dc1/prod/web/web1/cart"} <= set(paths)
+        assert not [p for p in paths if p.startswith(("/dc1/dev", "/dc1/prod/db", "/dc2"))]
+        vms = await c.call("GET", "/vms", auth=BOB, status=200)
+        assert sorted(v["path"] for v in vms) == [
+            "/dc1/prod/web/web1/cart",
+            "/dc1/prod/web/web1/shop",
+        ]
+        assert tree[0]["children"][0]["children"][0]["children"][0]["state"] == "connected"
+        hosts = await c.call("GET", "/hosts", auth=BOB, status=200)
+        assert [h["path"] for h in hosts] == ["/dc1/prod/web/web1"]
+        children = await c.call("GET", f"/nodes/{ids['prod']}/children", auth=BOB, status=200)
+        assert [n["path"] for n in children] == ["/dc1/prod/web"]
+        # The admin still sees everything.
+        assert "/dc1/dev/dev1/test" in flatten(await c.call("GET", "/inventory", status=200))
+
+    run(tmp_path, scenario)
+
+
+def test_a_no_access_user_powers_their_vms_and_finds_nothing_elsewhere(
+    tmp_path: Path, lab: Callable[..., FakeHost]
+) -> None:
+    web_host, dev_host = lab("web2", vms=["shop"]), lab("dev2", vms=["test"])
+
+    async def scenario(c: Center) -> None:
+        ids = await tenant_site(c, web_host, dev_host)
+        shop, test = ids["shop"], ids["test"]
+        task = await c.call("POST", f"/vms/{shop}/power/start", auth=BOB, status=202)
+        assert (await c.finished(task, BOB))["state"] == "success"
+        assert web_host.vm_named("shop").power_state is PowerState.RUNNING
+
+        async def absent(method: str, path: str, message: str, **kwargs: Any) -> None:
+            answer = await c.call(method, path, auth=BOB, status=404, **kwargs)
+            assert answer == {"error": "not_found", "message": message}
+
+        # What bob does not see answers as if it were not there, word for word.
+        await absent("POST", f"/vms/{test}/power/start", f"no vm with id {test}")
+        await absent("POST", "/vms/999999/power/start", "no vm with id 999999")
+        await absent("GET", f"/vms/{test}", f"no vm with id {test}")
+        await absent("GET", f"/nodes/{ids['dev']}", f"no inventory object with id {ids['dev']}")
+        await absent(
+            "GET", f"/nodes/{ids['dc2']}/children", f"no inventory object with id {ids['dc2']}"
+        )
+        await absent(
+            "GET", "/nodes", "no inventory object at /dc1/dev", params={"path": "/dc1/dev"}
+        )
+        await absent("GET", f"/hosts/{ids['dev2']}", f"no inventory object with id {ids['dev2']}")
+        await absent("POST", f"/hosts/{ids['dev2']}/reconnect", f"no host with id {ids['dev2']}")
+        assert dev_host.vm_named("test").power_state is PowerState.STOPPED
+        # ... and named in a request, as a bad value of that field.
+        body = {"parent": "/dc1/dev", "name": "x"}
+        hidden = await c.call("POST", "/folders", json=body, auth=BOB, status=400)
+        assert hidden["message"] == "parent: no inventory object at /dc1/dev"
+        hidden = await c.call("GET", "/vms", params={"host": ids["dev2"]}, auth=BOB, status=400)
+        assert hidden["message"] == f"host: no inventory object with id {ids['dev2']}"
+        # What bob sees (on the way to web, or in it) but may not do answers 403.
+        denied = await c.call("GET", f"/nodes/{ids['dc1']}", auth=BOB, status=403)
+        assert denied["message"] == "user 'bob' may not read /dc1 (role there: no-access)"
+        denied = await c.call("DELETE", f"/vms/{shop}", auth=BOB, status=403)
+        assert denied["message"].endswith("(role there: operator)")
+        denied = await c.call("POST", "/datacenters", json={"name": "x"}, auth=BOB, status=403)
+        assert denied["message"] == (
+            "user 'bob' may not configure the inventory root (role there: no-access)"
+        )
+        await c.call("GET", "/center", auth=BOB, status=403)
+
+    run(tmp_path, scenario)
+
+
+def test_a_no_access_user_is_shown_only_their_tasks_and_events(
+    tmp_path: Path, lab: Callable[..., FakeHost]
+) -> None:
+    web_host, dev_host = lab("web3", vms=["shop"]), lab("dev3", vms=["test"])
+
+    async def scenario(c: Center) -> None:
+        ids = await tenant_site(c, web_host, dev_host)
+        mine = await c.finished(
+            await c.call("POST", f"/vms/{ids['shop']}/power/start", auth=BOB, status=202), BOB
+        )
+        theirs = await c.finished(
+            await c.call("POST", f"/vms/{ids['test']}/power/start", status=202)
+        )
+        tasks = await c.call("GET", "/tasks", auth=BOB, status=200)
+        assert [t["id"] for t in tasks] == [mine["id"]]
+        assert len(await c.call("GET", "/tasks", status=200)) == 2
+        hidden = await c.call("GET", f"/tasks/{theirs['id']}", auth=BOB, status=404)
+        assert hidden["message"] == f"task {theirs['id']!r} does not exist"
+        for _ in range(100):
+            events = await c.call("GET", "/events", params={"kind": "vm."}, status=200)
+            if len(events) >= 2:
+                break
+            await asyncio.sleep(0.02)
+        shown = await c.call("GET", "/events", auth=BOB, status=200)
+        objects = {e["object"] for e in shown}
+        assert {"host/web3", "host/web3/vm/shop", f"task/{mine['id']}", "user/bob"} <= objects
+        assert not [o for o in objects if "dev" in str(o) or o == f"task/{theirs['id']}"]
+        assert "center.started" not in {e["kind"] for e in shown}
+        assert len(await c.call("GET", "/events", params={"limit": 2}, auth=BOB, status=200)) == 2
+
+    run(tmp_path, scenario)
+
+
+async def logged(c: Center, kind: str, obj: str) -> int:
+    """The id of the event ``kind`` on ``obj``, once in the center's log."""
+    for _ in range(200):
+        found = await c.call("GET", "/events", params={"kind": kind, "object": obj}, status=200)
+        if found:
+            event_id: int = found[-1]["id"]
+            return event_id
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"no {kind} event on {obj}")
+
+
+def test_the_event_stream_shows_a_no_access_user_only_their_objects(
+    tmp_path: Path, lab: Callable[..., FakeHost]
+) -> None:
+    web_host, dev_host = lab("web4", vms=["shop"]), lab("dev4", vms=["test"])
+
+    async def scenario(c: Center) -> None:
+        await tenant_site(c, web_host, dev_host)
+        last = (await c.call("GET", "/events", params={"limit": 1}, status=200))[-1]["id"]
+        async with served(c) as base:
+            url = f"{base}/events/stream?since={last}"
+            async with connect(url, additional_headers=basic(*BOB)) as ws:
+                # dev's event comes first, in the replay or live: bob must not get it.
+                dev_host.set_power(dev_host.vm_named("test").id, PowerState.RUNNING)
+                await logged(c, "vm.running", "host/dev4/vm/test")
+                web_host.set_power(web_host.vm_named("shop").id, PowerState.RUNNING)
+                async with asyncio.timeout(5):
+                    event = json.loads(await ws.recv())
+            assert (event["kind"], event["object"]) == ("vm.running", "host/web4/vm/shop")
+
+    run(tmp_path, scenario)
+
+
+def test_roles_are_checked_by_name(tmp_path: Path) -> None:
+    async def scenario(c: Center) -> None:
+        dc = await c.node("datacenter", None, "dc1")
+        refused = await c.call(
+            "PUT", f"/nodes/{dc}/permissions/alice", json={"role": "superuser"}, status=400
+        )
+        message = refused["message"]
+        assert message.startswith("role: ") and "\n" not in message
+        assert "'no-access'" in message
+        granted = await c.call(
+            "PUT", f"/nodes/{dc}/permissions/alice", json={"role": "no-access"}, status=200
+        )
+        assert granted["role"] == "no-access"
+        assert await c.call("GET", "/inventory", auth=ALICE, status=200) == []
 
     run(tmp_path, scenario)
 

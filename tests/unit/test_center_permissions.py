@@ -116,6 +116,33 @@ def test_visible_follows_the_tree(site: Site) -> None:
     assert site.a.id not in configurable and site.h1.id not in configurable
 
 
+def test_no_access_hides_all_but_the_way_to_what_is_granted(site: Site) -> None:
+    perms = site.perms
+    assert perms.visible("ann", Role.NO_ACCESS) == set()
+    assert perms.shown("ann", Role.NO_ACCESS) == set()
+    perms.grant(site.c.id, "ann", Role.OPERATOR)
+    assert perms.visible("ann", Role.NO_ACCESS) == {site.c.id}
+    # The way down to vm c; prod, beside it, stays hidden.
+    assert perms.shown("ann", Role.NO_ACCESS) == {site.dc.id, site.test.id, site.h2.id, site.c.id}
+    assert perms.effective_role("ann", site.h2.id, Role.NO_ACCESS) == Role.NO_ACCESS
+    assert not perms.allowed("ann", Role.NO_ACCESS, site.h2.id, Permission.READ)
+    assert perms.allowed("ann", Role.NO_ACCESS, site.c.id, Permission.POWER)
+    assert not perms.allowed("ann", Role.NO_ACCESS, None, Permission.READ)
+    # A no-access grant hides a folder from an admin, who still sees the rest.
+    perms.grant(site.prod.id, "root", Role.NO_ACCESS)
+    shown = perms.shown("root", Role.ADMIN)
+    assert shown is not None and site.c.id in shown and site.dc.id in shown
+    assert not {site.prod.id, site.h1.id, site.a.id} & shown
+    assert perms.shown("bob", Role.READ_ONLY) is None
+
+
+def test_every_role_can_be_granted(site: Site) -> None:
+    # The database's own check on roles knows them all, on every backend.
+    for role in Role:
+        site.perms.grant(site.prod.id, f"user-{role}", role)
+    assert sorted(g.role for g in site.perms.grants()) == sorted(Role)
+
+
 def test_grants_are_replaced_listed_and_revoked(site: Site) -> None:
     perms = site.perms
     perms.grant(site.prod.id, "ann", "read-only")
@@ -138,6 +165,9 @@ def test_bad_grants_are_refused(site: Site) -> None:
     with pytest.raises(InvalidArgument) as caught:
         perms.grant(site.prod.id, "ann", "superuser")
     assert caught.value.field == "role"
+    assert str(caught.value) == (
+        "role: 'superuser' is not a role (one of admin, operator, read-only, no-access)"
+    )
     with pytest.raises(InvalidArgument) as caught:
         perms.grant(site.prod.id, "", Role.ADMIN)
     assert caught.value.field == "principal"

@@ -1,6 +1,15 @@
 """Roles and what each may do.
 
-Every REST route and CIM method names one permission; a role holds a fixed set of them.
+Every REST route and CIM method names one permission; a role holds a fixed set of them:
+
+- ``admin``: everything.
+- ``operator``: read, power and console.
+- ``read-only``: read.
+- ``no-access``: nothing. Such a user still authenticates (a login still gives a token),
+  and every route but ``/health`` answers them 403: on a host, that suspends an account
+  without removing it and its tokens. On the center, it is the usual own role of a
+  tenant's user, granted more on one part of the tree (``thinvisor.center.permissions``):
+  the rest of the inventory is hidden from them, as vCenter's "No Access" hides it.
 """
 
 from __future__ import annotations
@@ -12,6 +21,7 @@ class Role(StrEnum):
     ADMIN = "admin"
     OPERATOR = "operator"
     READ_ONLY = "read-only"
+    NO_ACCESS = "no-access"
 
 
 class Permission(StrEnum):
@@ -31,6 +41,7 @@ _PERMISSIONS: dict[Role, frozenset[Permission]] = {
     Role.ADMIN: frozenset(Permission),
     Role.OPERATOR: frozenset({Permission.READ, Permission.POWER, Permission.CONSOLE}),
     Role.READ_ONLY: frozenset({Permission.READ}),
+    Role.NO_ACCESS: frozenset(),
 }
 
 

@@ -242,6 +242,7 @@ class NodeTagModel(Base):
 class PermissionModel(Base):
     __tablename__ = "permissions"
     __table_args__ = (
+        # Every role, no-access included; migration r0001 spells the same list out.
         CheckConstraint(_in("role", tuple(Role)), name="role"),
         UniqueConstraint("node_id", "principal"),
         {"sqlite_autoincrement": True},

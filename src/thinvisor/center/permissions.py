@@ -1,21 +1,24 @@
 """Who may do what where in the center's inventory.
 
-A user has a role of their own (``thinvisor.auth``: admin, operator or read-only, or
-none); it applies at the root of the inventory. A grant gives a user a role on one node
-(a datacenter, folder, cluster, host or VM) and everything below it. On any node, the
-grant on the nearest node up the tree wins, the node itself first; without one, the
-user's own role applies. A grant may so raise a user's role on part of the tree (an
-operator of one folder) or lower it (an admin who only reads another folder).
+A user has a role of their own (``thinvisor.auth``: admin, operator, read-only or
+no-access, or none, which is the same as no-access); it applies at the root of the
+inventory. A grant gives a user a role on one node (a datacenter, folder, cluster, host
+or VM) and everything below it. On any node, the grant on the nearest node up the tree
+wins, the node itself first; without one, the user's own role applies. A grant may so
+raise a user's role on part of the tree (a no-access user who operates one folder) or
+lower it (an admin who only reads another folder, or may not even see a third).
 
 ``Permissions`` is a small class over the database; every method is one transaction.
 ``visible`` answers for the whole tree at once (one query for the tree, the rest in
-Python), for filtering lists.
+Python), for filtering lists; ``shown`` adds the nodes above the visible ones, which a
+user sees as the path to what they may read (vCenter shows the parent folders of what one
+may see in the same way), but not what else is in them.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from sqlalchemy import select
@@ -142,6 +145,23 @@ class Permissions:
     ) -> set[int] | None:
         """The ids of every node on which ``principal`` holds ``permission`` (``READ``: may
         see); None when that is every node, so that callers need not filter."""
+        found = self._holding(principal, default_role, permission)
+        return None if found is None else found[0]
+
+    def shown(self, principal: str, default_role: Role | None) -> set[int] | None:
+        """The ids of the nodes ``principal`` may read and of every node above them (the
+        path to each); None when that is every node."""
+        found = self._holding(principal, default_role, Permission.READ)
+        if found is None:
+            return None
+        readable, edges = found
+        return readable | _above(edges, readable)
+
+    def _holding(
+        self, principal: str, default_role: Role | None, permission: Permission
+    ) -> tuple[set[int], Sequence[tuple[int, int | None]]] | None:
+        """The nodes where ``principal`` holds ``permission`` and the tree's edges (child,
+        parent); None when they hold it everywhere."""
         with self.db.read() as session:
             query = select(PermissionModel.node_id, PermissionModel.role).where(
                 PermissionModel.principal == principal
@@ -150,9 +170,9 @@ class Permissions:
             if _everywhere(default_role, granted.values(), permission):
                 return None
             if not granted:
-                return set()
+                return set(), ()
             edges = session.execute(select(NodeModel.id, NodeModel.parent_id)).all()
-        return _walk(edges, granted, default_role, permission)
+        return _walk(edges, granted, default_role, permission), edges
 
 
 def _everywhere(default: Role | None, granted: Iterable[Role], permission: Permission) -> bool:
@@ -180,4 +200,16 @@ def _walk(
         if role is not None and allows(role, permission):
             found.add(node_id)
         stack.extend((child, role) for child in children.get(node_id, ()))
+    return found
+
+
+def _above(edges: Iterable[tuple[int, int | None]], ids: set[int]) -> set[int]:
+    """Every node above one of ``ids``."""
+    parents = dict(edges)
+    found: set[int] = set()
+    for node_id in ids:
+        parent = parents.get(node_id)
+        while parent is not None and parent not in found:
+            found.add(parent)
+            parent = parents.get(parent)
     return found

@@ -173,7 +173,13 @@ def init(
 @user_app.command("add")
 def user_add(
     name: Annotated[str, typer.Argument(help="The user's name.")],
-    role: Annotated[Role, typer.Option("--role", help="Their role at the root of the tree.")],
+    role: Annotated[
+        Role,
+        typer.Option(
+            "--role",
+            help="Their role at the root of the tree (no-access: only what grants give them).",
+        ),
+    ],
     password_file: PasswordFileOpt = None,
     config: ConfigOpt = None,
 ) -> None:
@@ -229,7 +235,12 @@ def user_passwd(
 @user_app.command("role")
 def user_role(
     name: Annotated[str, typer.Argument(help="The user's name.")],
-    role: Annotated[Role, typer.Argument(help="Their role at the root of the tree.")],
+    role: Annotated[
+        Role,
+        typer.Argument(
+            help="Their role at the root of the tree (no-access: only what grants give them)."
+        ),
+    ],
     config: ConfigOpt = None,
 ) -> None:
     """Change a user's own role."""
@@ -609,7 +620,9 @@ def _follow_events(since: int | None, kind: str | None, json_out: bool) -> None:
 def grant(
     path: PathArg,
     user: Annotated[str, typer.Argument(help="The user.")],
-    role: Annotated[Role, typer.Argument(help="Their role there and below.")],
+    role: Annotated[
+        Role, typer.Argument(help="Their role there and below (no-access: hides it from them).")
+    ],
 ) -> None:
     """Give a user a role on an object and everything below it."""
 

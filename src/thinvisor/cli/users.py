@@ -87,7 +87,13 @@ def init(
 @user_app.command("add")
 def user_add(
     name: NameArg,
-    role: Annotated[Role, typer.Option("--role", help="What the user may do.")],
+    role: Annotated[
+        Role,
+        typer.Option(
+            "--role",
+            help="What the user may do (no-access: log in only, a suspended account).",
+        ),
+    ],
     password_file: PasswordFileOpt = None,
 ) -> None:
     """Add a user with a role."""
@@ -148,7 +154,11 @@ def user_passwd(name: NameArg, password_file: PasswordFileOpt = None) -> None:
 
 @user_app.command("role")
 def user_role(
-    name: NameArg, role: Annotated[Role, typer.Argument(help="What the user may do.")]
+    name: NameArg,
+    role: Annotated[
+        Role,
+        typer.Argument(help="What the user may do (no-access: log in only, a suspended account)."),
+    ],
 ) -> None:
     """Change a user's role."""
     changed = _guard(lambda: store().set_role(name, role))

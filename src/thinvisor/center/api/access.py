@@ -3,6 +3,13 @@
 Permissions are checked on the object a route acts on: the user's own role applies at
 the root of the inventory, a role granted on a folder, cluster or host applies to
 everything under it, and the nearest grant wins (``thinvisor.center.permissions``).
+
+What a user sees: the objects they may read, and the objects above those (the path to
+each, with nothing else that is in them). Lists show just that. An object a user does
+not see is answered as if it did not exist, as vCenter does: the same 404 as a missing
+one (400 naming the field, when a request body names it), with the same message, so
+that neither its name nor its existence leaks. An object they see but may not act on
+as asked answers 403, naming the object, the permission and their role there.
 """
 
 from __future__ import annotations
@@ -14,7 +21,7 @@ from typing import Annotated, ParamSpec, TypeVar
 from fastapi import Depends, HTTPException, Request, WebSocket
 
 from thinvisor.api.auth import authenticated
-from thinvisor.auth import Permission, User
+from thinvisor.auth import Permission, Role, User, allows
 from thinvisor.center.agent import CenterAgent
 from thinvisor.center.inventory import Node
 from thinvisor.errors import InvalidArgument, NotFound
@@ -39,16 +46,40 @@ async def in_thread(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
     return await asyncio.to_thread(fn, *args, **kwargs)
 
 
-def check(agent: CenterAgent, user: User, node_id: int | None, permission: Permission) -> None:
-    """403 naming the object, the permission and the user's role there, unless allowed.
-
-    ``node_id`` None is the root of the inventory (where datacenters are made)."""
-    if agent.permissions.allowed(user.name, user.role, node_id, permission):
-        return
+def check(
+    agent: CenterAgent,
+    user: User,
+    node_id: int | None,
+    permission: Permission,
+    absent: str | None = None,
+) -> None:
+    """Return if ``user`` holds ``permission`` on the node (None: the inventory root,
+    where datacenters are made); else 403 naming the object, the permission and the
+    user's role there, or ``NotFound`` (``absent``: its message, for routes whose
+    missing objects say more than "no inventory object") if the user does not see it."""
     role = agent.permissions.effective_role(user.name, node_id, user.role)
+    if role is not None and allows(role, permission):
+        return
+    if node_id is not None and not _sees(agent, user, node_id, role):
+        raise NotFound(absent or f"no inventory object with id {node_id}")
     where = "the inventory root" if node_id is None else agent.inventory.get(node_id).path
     held = f"role there: {role}" if role is not None else "no role there"
     raise HTTPException(403, f"user {user.name!r} may not {permission.value} {where} ({held})")
+
+
+def sees(agent: CenterAgent, user: User, node_id: int) -> bool:
+    """Whether ``user`` may read the node or something below it (``NotFound`` if there
+    is no such node)."""
+    role = agent.permissions.effective_role(user.name, node_id, user.role)
+    return _sees(agent, user, node_id, role)
+
+
+def _sees(agent: CenterAgent, user: User, node_id: int, role: Role | None) -> bool:
+    """``sees``, knowing the user's ``role`` on the node."""
+    if role is not None and allows(role, Permission.READ):
+        return True
+    shown = agent.permissions.shown(user.name, user.role)
+    return shown is None or node_id in shown
 
 
 async def authorize(
@@ -58,15 +89,22 @@ async def authorize(
     await in_thread(check, center_of(conn), user, node_id, permission)
 
 
-def node_of(agent: CenterAgent, ref: NodeRef, field: str) -> Node:
-    """The object a request body names by id or path; ``InvalidArgument`` naming
-    ``field`` if there is none (a body naming nothing is bad input, not a missing page)."""
+def node_of(agent: CenterAgent, user: User, ref: NodeRef, field: str) -> Node:
+    """The object a request body names by id or path, if ``user`` sees it;
+    ``InvalidArgument`` naming ``field`` if there is none, or none they see (a body naming
+    nothing is bad input, not a missing page)."""
     try:
         if isinstance(ref, int):
-            return agent.inventory.get(ref)
-        if not ref.startswith("/"):
+            node = agent.inventory.get(ref)
+            absent = f"no inventory object with id {ref}"
+        elif ref.startswith("/"):
+            node = agent.inventory.resolve(ref)
+            absent = f"no inventory object at {ref}"
+        else:
             raise InvalidArgument(field, f"{ref!r} is neither an id nor a path like /dc1/folder")
-        return agent.inventory.resolve(ref)
+        if not sees(agent, user, node.id):
+            raise NotFound(absent)  # the very message of a missing object
+        return node
     except NotFound as exc:
         raise InvalidArgument(field, str(exc)) from None
 
@@ -74,3 +112,9 @@ def node_of(agent: CenterAgent, ref: NodeRef, field: str) -> Node:
 def visible_ids(agent: CenterAgent, user: User) -> set[int] | None:
     """The ids of the objects ``user`` may read; None: everything."""
     return agent.permissions.visible(user.name, user.role)
+
+
+def shown_ids(agent: CenterAgent, user: User) -> set[int] | None:
+    """The ids of the objects ``user`` sees (those they may read and those above them);
+    None: everything."""
+    return agent.permissions.shown(user.name, user.role)

@@ -8,9 +8,9 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from thinvisor import __version__
-from thinvisor.api import auth, errors, events, tasks
+from thinvisor.api import auth, errors
 from thinvisor.center.agent import CenterAgent
-from thinvisor.center.api import consoles, grants, hosts, info, tags, tree, vms
+from thinvisor.center.api import consoles, grants, history, hosts, info, tags, tree, vms
 
 PREFIX = "/api/v1"
 
@@ -38,8 +38,8 @@ def create_center_app(agent: CenterAgent, *, start_agent: bool = True) -> FastAP
     )
     app.state.agent = agent
     errors.install(app)
-    # The host agent's own routes for logins, tasks and events serve the center as they
-    # are: they need only the agent's users, tasks and event log.
-    for module in (info, auth, tree, hosts, vms, consoles, tags, grants, tasks, events):
+    # The host agent's own login routes serve the center as they are: they need only the
+    # agent's users and event log. Tasks and events are the center's: filtered per user.
+    for module in (info, auth, tree, hosts, vms, consoles, tags, grants, history):
         app.include_router(module.router, prefix=PREFIX)
     return app

@@ -103,7 +103,7 @@ async def add_host(body: HostIn, request: Request, user: Caller) -> HostOut:
     agent = center_of(request)
 
     def parent_id() -> int:
-        parent = node_of(agent, body.parent, "parent")
+        parent = node_of(agent, user, body.parent, "parent")
         check(agent, user, parent.id, Permission.ADMIN)
         return parent.id
 
@@ -149,7 +149,8 @@ async def reconnect_host(host_id: int, request: Request, user: Caller) -> HostOu
 
 
 def _check_host(request: Request, user: User, host_id: int, permission: Permission) -> None:
-    """The permission on the host (after ``NotFound`` if it is no host)."""
+    """The permission on the host (after ``NotFound`` if it is no host, or one the user
+    does not see)."""
     agent = center_of(request)
     agent.inventory.host(host_id)
-    check(agent, user, host_id, permission)
+    check(agent, user, host_id, permission, absent=f"no host with id {host_id}")

@@ -23,10 +23,11 @@ from thinvisor.center.api.access import (
     check,
     in_thread,
     node_of,
+    shown_ids,
     visible_ids,
 )
 from thinvisor.center.inventory import Node, path_segment
-from thinvisor.errors import InvalidArgument, ThinvisorError
+from thinvisor.errors import InvalidArgument, NotFound, ThinvisorError
 from thinvisor.model.base import StrictModel
 
 router = APIRouter(tags=["inventory"], responses=ERROR_RESPONSES)
@@ -85,7 +86,7 @@ def _detail(agent: CenterAgent, node: Node) -> NodeDetail:
 @router.get("/inventory", response_model=list[TreeNode], response_model_exclude_none=True)
 async def inventory_tree(request: Request, user: Caller) -> list[TreeNode]:
     """The whole tree as the user may see it: what they may read, and the objects above
-    it (so that each is shown where it is)."""
+    it (so that each is shown where it is), without anything else in those."""
     agent = center_of(request)
 
     def read() -> list[TreeNode]:
@@ -98,13 +99,17 @@ def pruned_tree(
     entries: list[dict[str, Any]], base: str, visible: set[int] | None
 ) -> list[TreeNode]:
     """``Inventory.tree`` entries under the path ``base`` that are ``visible`` (None: all),
-    with their paths, and the entries above each of them."""
+    with their paths, and the entries above each of them: the way to them, which shows
+    no state of its own."""
     kept = []
     for entry in entries:
         path = f"{base.rstrip('/')}/{path_segment(entry['name'])}"
         children = pruned_tree(entry["children"], path, visible)
-        if visible is None or entry["id"] in visible or children:
+        if visible is None or entry["id"] in visible:
             kept.append(TreeNode(**{**entry, "path": path, "children": children}))
+        elif children:
+            way = {key: entry[key] for key in ("id", "kind", "name")}
+            kept.append(TreeNode(**way, path=path, children=children))
     return kept
 
 
@@ -126,7 +131,7 @@ async def create_folder(body: ContainerIn, request: Request, user: Caller) -> No
     agent = center_of(request)
 
     def write() -> Node:
-        parent = node_of(agent, body.parent, "parent")
+        parent = node_of(agent, user, body.parent, "parent")
         check(agent, user, parent.id, Permission.CONFIGURE)
         return agent.inventory.create_folder(parent.id, body.name)
 
@@ -139,7 +144,7 @@ async def create_cluster(body: ContainerIn, request: Request, user: Caller) -> N
     agent = center_of(request)
 
     def write() -> Node:
-        parent = node_of(agent, body.parent, "parent")
+        parent = node_of(agent, user, body.parent, "parent")
         check(agent, user, parent.id, Permission.CONFIGURE)
         return agent.inventory.create_cluster(parent.id, body.name)
 
@@ -162,7 +167,7 @@ async def node_at(
 
     def read() -> NodeDetail:
         node = agent.inventory.resolve(path)
-        check(agent, user, node.id, Permission.READ)
+        check(agent, user, node.id, Permission.READ, absent=f"no inventory object at {path}")
         return _detail(agent, node)
 
     return await in_thread(read)
@@ -181,14 +186,17 @@ async def get_node(node_id: int, request: Request, user: Caller) -> NodeDetail:
 
 @router.get("/nodes/{node_id}/children", response_model=list[NodeOut])
 async def node_children(node_id: int, request: Request, user: Caller) -> list[NodeOut]:
-    """What is directly in an object, as far as the user may read it."""
+    """What is directly in an object, as far as the user sees it: on the path to what
+    they may read, only what is on that path."""
     agent = center_of(request)
 
     def read() -> list[NodeOut]:
-        check(agent, user, node_id, Permission.READ)
-        visible = visible_ids(agent, user)
+        shown = shown_ids(agent, user)
+        if shown is not None and node_id not in shown:
+            agent.inventory.get(node_id)  # a missing object: the same 404 as a hidden one
+            raise NotFound(f"no inventory object with id {node_id}")
         found = agent.inventory.children(node_id)
-        return [node_out(n) for n in found if visible is None or n.id in visible]
+        return [node_out(n) for n in found if shown is None or n.id in shown]
 
     return await in_thread(read)
 
@@ -203,7 +211,7 @@ async def change_node(node_id: int, body: NodeChange, request: Request, user: Ca
     def write() -> tuple[Node, Node]:
         check(agent, user, node_id, Permission.CONFIGURE)
         before = agent.inventory.get(node_id)
-        parent = None if body.parent is None else node_of(agent, body.parent, "parent")
+        parent = None if body.parent is None else node_of(agent, user, body.parent, "parent")
         if parent is not None:
             check(agent, user, parent.id, Permission.CONFIGURE)
         return before, _move_and_rename(agent, before, parent, body.name)

@@ -126,7 +126,7 @@ async def list_vms(
     agent = center_of(request)
 
     def read() -> list[VmOut]:
-        host_id = None if host is None else _host_node(agent, _query_ref(host)).id
+        host_id = None if host is None else _host_node(agent, user, _query_ref(host)).id
         if name is not None:
             found = agent.inventory.find_vms(name)
             found = [v for v in found if host_id in (None, v.host_id)]
@@ -148,8 +148,8 @@ def _query_ref(text: str) -> NodeRef:
     return int(text) if text.isdecimal() else text
 
 
-def _host_node(agent: CenterAgent, ref: NodeRef) -> Node:
-    node = node_of(agent, ref, "host")
+def _host_node(agent: CenterAgent, user: User, ref: NodeRef) -> Node:
+    node = node_of(agent, user, ref, "host")
     if node.kind != NodeKind.HOST:
         raise InvalidArgument("host", f"{node.kind} {node.path} is not a host")
     return node
@@ -161,12 +161,13 @@ async def get_vm(vm_id: int, request: Request, user: Caller) -> VmOut:
 
 
 async def _vm(request: Request, user: User, vm_id: int, permission: Permission) -> VmRow:
-    """The VM (``NotFound`` first), if the user has ``permission`` on it."""
+    """The VM (``NotFound`` first, and for a VM the user does not see), if the user has
+    ``permission`` on it."""
     agent = center_of(request)
 
     def read() -> VmRow:
         vm = agent.inventory.vm(vm_id)
-        check(agent, user, vm_id, permission)
+        check(agent, user, vm_id, permission, absent=f"no vm with id {vm_id}")
         return vm
 
     return await in_thread(read)
@@ -186,7 +187,7 @@ async def create_vm(body: VmCreateIn, request: Request, user: Caller) -> JSONRes
     agent = center_of(request)
 
     def prepare() -> tuple[int, CreateVm, int | None]:
-        host = _host_node(agent, body.host)
+        host = _host_node(agent, user, body.host)
         check(agent, user, host.id, Permission.CONFIGURE)
         template = None if body.template is None else _template(agent, user, body.template)
         spec = CreateVm(
@@ -204,7 +205,7 @@ async def create_vm(body: VmCreateIn, request: Request, user: Caller) -> JSONRes
 
 
 def _template(agent: CenterAgent, user: User, ref: NodeRef) -> VmRow:
-    node = node_of(agent, ref, "template")
+    node = node_of(agent, user, ref, "template")
     if node.kind != NodeKind.VM:
         raise InvalidArgument("template", f"{node.kind} {node.path} is not a template")
     check(agent, user, node.id, Permission.READ)

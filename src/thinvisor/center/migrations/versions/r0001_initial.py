@@ -176,7 +176,8 @@ def _permissions() -> None:
         sa.Column("role", sa.String(16), nullable=False),
         sa.PrimaryKeyConstraint("id", name="pk_permissions"),
         sa.CheckConstraint(
-            "role IN ('admin', 'operator', 'read-only')", name=op.f("ck_permissions_role")
+            "role IN ('admin', 'operator', 'read-only', 'no-access')",
+            name=op.f("ck_permissions_role"),
         ),
         sa.UniqueConstraint("node_id", "principal", name="uq_permissions_node_id_principal"),
         _node_fk("permissions"),
