@@ -89,11 +89,15 @@ class Vcsim:
     tmpdir: Path
 
     @classmethod
-    def start(cls, username: str, password: str, machines: int = 2) -> Vcsim:
+    def start(
+        cls, username: str, password: str, machines: int = 2, *, namespace: str | None = None
+    ) -> Vcsim:
         """A new simulator accepting only ``username`` with ``password``, with ``machines``
-        VMs on its standalone host and as many in its cluster."""
+        VMs on its standalone host and as many in its cluster; on the loopback of the
+        network namespace ``namespace`` if given (``ip netns exec`` execs it: same pid)."""
         tmpdir = Path(tempfile.mkdtemp(prefix="thinvisor-vcsim-"))
-        argv = [str(binary()), "-listen", "127.0.0.1:0", "-machines", str(machines),
+        inside = ["ip", "netns", "exec", namespace] if namespace else []
+        argv = [*inside, str(binary()), "-listen", "127.0.0.1:0", "-machines", str(machines),
                 "-username", username, "-password", password]  # fmt: skip
         log = (tmpdir / "vcsim.log").open("wb")
         # TMPDIR: the simulator makes its datastores' directories there.
