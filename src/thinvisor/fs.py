@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import fcntl
 import os
+import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
+
+from thinvisor.errors import InvalidConfig
 
 
 def fsync_dir(path: Path) -> None:
@@ -62,3 +65,16 @@ def file_lock(path: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+def private_dir(path: Path) -> Path:
+    """``path``, a directory only its owner may enter (made so where it is not): a
+    center's state holds its users' password hashes, its TLS key and the key that opens
+    the hosts' passwords."""
+    try:
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if stat.S_IMODE(path.stat().st_mode) & 0o077:
+            path.chmod(0o700)
+    except OSError as exc:
+        raise InvalidConfig(f"state_dir: cannot make {path} private: {exc.strerror}") from None
+    return path

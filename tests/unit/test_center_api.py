@@ -11,6 +11,7 @@ import asyncio
 import base64
 import contextlib
 import json
+import socket
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -29,8 +30,11 @@ from thinvisor.center.agent import CenterAgent
 from thinvisor.center.api.app import create_center_app
 from thinvisor.center.api.tree import pruned_tree
 from thinvisor.center.config import CenterApiConfig, CenterConfig, SyncConfig
-from thinvisor.providers.base import PowerState
-from thinvisor.providers.fake import FakeHost, fake_host, remove_fake_host
+from thinvisor.center.sync import event_kind
+from thinvisor.errors import InvalidArgument
+from thinvisor.providers import KINDS, canonical_address
+from thinvisor.providers.base import Capability, ChangeEvent, ChangeKind, PowerState
+from thinvisor.providers.fake import FakeHost, FakeProvider, fake_host, remove_fake_host
 
 FAST = PasswordHasher(time_cost=1, memory_cost=8, parallelism=1)
 PASSWORD = "password123"
@@ -89,6 +93,13 @@ class Center:
             await asyncio.sleep(0.02)
             task = await self.call("GET", f"/tasks/{task['id']}", status=200, auth=auth)
         raise AssertionError(f"task {task} did not finish")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
 
 
 def center_config(tmp_path: Path) -> CenterConfig:
@@ -196,7 +207,7 @@ def test_bad_tree_changes_are_refused_and_change_nothing(tmp_path: Path) -> None
         )
         assert (await refused("POST", "/folders", {"parent": dc}, 400)) == "name: Field required"
         not_empty = await c.call("DELETE", f"/nodes/{prod}", status=400)
-        assert not_empty["message"] == "node: folder /dc1/prod is not empty (1 objects in it)"
+        assert not_empty["message"] == "node: folder /dc1/prod is not empty (1 object in it)"
         clash = await c.node("folder", dc, "other")
         await refused("PATCH", f"/nodes/{clash}", {"parent": prod, "name": "inner"}, 409)
         await c.call("DELETE", f"/nodes/{clash}", status=204)
@@ -246,9 +257,12 @@ def test_a_host_that_cannot_be_reached_or_trusted_is_not_added(
         assert unpinned.startswith("fingerprint: ") and FINGERPRINT in unpinned
         wrong = await refused(fingerprint=":".join(["CD"] * 32))
         assert wrong.startswith("fingerprint: ") and f"pinned {'CD:' * 31}CD" in wrong
-        assert (await refused(fingerprint=FINGERPRINT, password="nope")).startswith("password: ")
+        wrong_password = await refused(fingerprint=FINGERPRINT, password="nope")
+        assert wrong_password == f"password: {host.address}: user 'admin' refused"
         unreachable = await refused(address="fake://nowhere", fingerprint=FINGERPRINT)
-        assert unreachable.startswith("address: cannot connect: ")
+        assert unreachable == (
+            "address: cannot connect: fake://nowhere: no answer (no fake host answers there)"
+        )
         assert (await refused(provider="hyperv")).startswith("provider: unknown kind 'hyperv'")
         assert await c.call("GET", "/hosts", status=200) == []
         assert (await c.call("GET", "/inventory", status=200))[0]["children"] == []
@@ -259,6 +273,124 @@ def test_a_host_that_cannot_be_reached_or_trusted_is_not_added(
         assert (
             again["message"] == f"a fake host at {host.address} is already registered as /dc1/esx1"
         )
+
+    run(tmp_path, scenario)
+
+
+@pytest.mark.parametrize(
+    ("kind", "spellings", "canonical"),
+    [
+        (
+            "thinvisor",
+            ["https://127.0.0.1:58037/", " https://127.0.0.1:58037"],
+            "https://127.0.0.1:58037",
+        ),
+        (
+            "thinvisor",
+            ["ESX1.example", "https://esx1.example:8443/api/v1/"],
+            "https://esx1.example:8443",
+        ),
+        ("thinvisor", ["https://esx1"], "https://esx1:443"),
+        ("thinvisor", ["http://[::1]:8080/"], "http://[::1]:8080"),
+        ("vsphere", ["127.0.0.1:44485", "https://127.0.0.1:44485/sdk/"], "https://127.0.0.1:44485"),
+        ("vsphere", ["VC1", "https://vc1/"], "https://vc1:443"),
+        ("libvirt", [" qemu:///system\n"], "qemu:///system"),
+        # libvirt reads the rest itself: a trailing slash may name another path.
+        ("libvirt", ["qemu+tcp://kvm1/system/"], "qemu+tcp://kvm1/system/"),
+        ("fake", ["fake://A/ "], "fake://A/ "),
+    ],
+)
+def test_addresses_have_one_spelling_per_provider(
+    kind: str, spellings: list[str], canonical: str
+) -> None:
+    assert {canonical_address(kind, spelling) for spelling in spellings} == {canonical}
+
+
+@pytest.mark.parametrize(
+    ("kind", "address", "reason"),
+    [
+        ("thinvisor", "ftp://h", "'ftp://h' is not https://HOST[:PORT]"),
+        ("thinvisor", "https://h/ui", "'https://h/ui': give the host's address without a path"),
+        ("thinvisor", "https://h:99999", "'https://h:99999' has no valid port"),
+        ("vsphere", "http://vc", "'http://vc' is not https://HOST[:PORT]"),
+        ("vsphere", "https://root@vc", "'https://root@vc': give the user with --user, not here"),
+        ("libvirt", "  ", "must not be empty"),
+    ],
+)
+def test_bad_addresses_name_the_address(kind: str, address: str, reason: str) -> None:
+    with pytest.raises(InvalidArgument) as caught:
+        canonical_address(kind, address)
+    assert (caught.value.field, caught.value.reason) == ("address", reason)
+
+
+def test_a_host_is_refused_in_another_spelling_of_its_address(tmp_path: Path) -> None:
+    async def scenario(c: Center) -> None:
+        dc = await c.node("datacenter", None, "dc1")
+        # Registered as the center stores addresses; nothing answers there: a second
+        # registration is refused before anything is tried.
+        c.agent.inventory.add_host(dc, "esx1", "thinvisor", "https://127.0.0.1:58037")
+        c.agent.inventory.add_host(dc, "vc1", "vsphere", "https://127.0.0.1:44485")
+        for provider, address, existing in (
+            ("thinvisor", "https://127.0.0.1:58037/", "/dc1/esx1"),
+            ("thinvisor", "127.0.0.1:58037", "/dc1/esx1"),
+            ("vsphere", "127.0.0.1:44485", "/dc1/vc1"),
+            ("vsphere", "https://127.0.0.1:44485/sdk", "/dc1/vc1"),
+        ):
+            body = {"parent": dc, "provider": provider, "address": address, "name": "again"}
+            again = await c.call("POST", "/hosts", json=body, status=409)
+            assert again["message"].endswith(f"is already registered as {existing}")
+        body = {"parent": dc, "provider": "vsphere", "address": "http://127.0.0.1:44485"}
+        bad = await c.call("POST", "/hosts", json=body, status=400)
+        assert bad["message"] == "address: 'http://127.0.0.1:44485' is not https://HOST[:PORT]"
+        assert [h["name"] for h in await c.call("GET", "/hosts", status=200)] == ["esx1", "vc1"]
+
+    run(tmp_path, scenario)
+
+
+def test_a_connection_error_says_each_thing_once(tmp_path: Path) -> None:
+    port = free_port()  # nothing listens there
+
+    async def scenario(c: Center) -> None:
+        dc = await c.node("datacenter", None, "dc1")
+        address = f"qemu+tcp://127.0.0.1:{port}/system"
+        body = {"parent": dc, "provider": "libvirt", "address": address}
+        refused = await c.call("POST", "/hosts", json=body, status=400)
+        assert refused["message"] == (
+            f"address: {address}: cannot connect: unable to connect to server at "
+            f"'127.0.0.1:{port}': Connection refused"
+        )
+
+    run(tmp_path, scenario)
+
+
+class PauselessProvider(FakeProvider):
+    """A fake host's provider that cannot pause, suspend or resume (as vSphere's)."""
+
+    kind = "pauseless"
+    capabilities = FakeProvider.capabilities - {Capability.SUSPEND}
+
+
+#: This module is the provider module of the kind ``pauseless``.
+PROVIDER = PauselessProvider
+
+
+def test_an_action_a_provider_cannot_do_is_named(
+    tmp_path: Path, lab: Callable[..., FakeHost], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(KINDS, "pauseless", __name__)
+    host = lab("vc1", vms=["web"])
+
+    async def scenario(c: Center) -> None:
+        dc = await c.node("datacenter", None, "dc1")
+        await c.add_host(dc, host, provider="pauseless")
+        web = await c.vm_id("web")
+        await c.finished(await c.call("POST", f"/vms/{web}/power/start", status=202))
+        refused = await c.call("POST", f"/vms/{web}/power/pause", status=409)
+        assert refused["message"] == (
+            f"{host.address} (pauseless): cannot pause VMs "
+            "(the pauseless provider does not support pause)"
+        )
+        assert host.vm_named("web").power_state is PowerState.RUNNING
 
     run(tmp_path, scenario)
 
@@ -634,8 +766,43 @@ def test_the_hosts_events_are_merged_into_the_centers(
         assert [(t["kind"], t["object"], t["user"]) for t in tasks] == [
             ("vm.start", "/dc1/h1/a", "admin")
         ]
+        # A peer's kind that is not a VM's or a host's becomes the change's; it stays
+        # in the event's data.
+        snap = {"name": "s1"}
+        await c.finished(await c.call("POST", f"/vms/{a}/snapshots", json=snap, status=202))
+        for _ in range(100):
+            events = await c.call("GET", "/events", params={"kind": "vm.changed"}, status=200)
+            if events:
+                break
+            await asyncio.sleep(0.02)
+        assert [(e["object"], e["data"]) for e in events] == [
+            ("host/h1/vm/a", {"host": "h1", "peer_kind": "snapshot.created"})
+        ]
 
     run(tmp_path, scenario)
+
+
+@pytest.mark.parametrize(
+    ("change", "kind"),
+    [
+        # vSphere's property collector says only how an object's properties changed.
+        (ChangeEvent(ChangeKind.VM_CHANGED, "web: powered on", "vm-1", peer_kind="modify"),
+         "vm.changed"),
+        (ChangeEvent(ChangeKind.VM_REMOVED, "web: removed", "vm-1", peer_kind="leave"),
+         "vm.removed"),
+        # libvirt's lifecycle events, thinvisor's own kinds.
+        (ChangeEvent(ChangeKind.VM_CHANGED, "started", "u", peer_kind="started.booted"),
+         "vm.changed"),
+        (ChangeEvent(ChangeKind.VM_CHANGED, "on", "web", peer_kind="vm.powered_on"),
+         "vm.powered_on"),
+        (ChangeEvent(ChangeKind.RESYNC, "a datastore", peer_kind="datastore.added"),
+         "host.resync"),
+        (ChangeEvent(ChangeKind.RESYNC, "events were lost"), "host.resync"),
+        (ChangeEvent(ChangeKind.HOST_CHANGED, "maintenance"), "host.changed"),
+    ],
+)  # fmt: skip
+def test_every_providers_changes_are_vm_or_host_events(change: ChangeEvent, kind: str) -> None:
+    assert event_kind(change) == kind
 
 
 def test_tags_on_objects(tmp_path: Path) -> None:

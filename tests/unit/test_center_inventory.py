@@ -119,6 +119,28 @@ def test_sqlite_file_directory_is_made_with_foreign_keys_and_wal(tmp_path: Path)
     assert path.exists()
 
 
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_sqlite_files_are_readable_by_their_owner_only(tmp_path: Path) -> None:
+    # They hold the hosts' sealed passwords and the whole inventory.
+    path = tmp_path / "new" / "inventory.db"
+    database = open_database(f"sqlite:///{path}")
+    try:
+        Inventory(database, SecretBox(tmp_path / "key")).create_datacenter("dc1")
+        side = [path.with_name(path.name + end) for end in ("-wal", "-shm")]
+        assert all(each.exists() for each in side)  # open in WAL mode: both are there
+        assert [mode(each) for each in (path, *side)] == [0o600] * 3
+        assert mode(path.parent) == 0o700
+    finally:
+        database.close()
+    # Made readable by others (an old center, a copy): made private again when opened.
+    path.chmod(0o644)
+    open_database(f"sqlite:///{path}").close()
+    assert mode(path) == 0o600
+
+
 def test_unreachable_postgresql_is_one_line_without_the_password() -> None:
     with socket.socket() as s:  # a port where nothing listens
         s.bind(("127.0.0.1", 0))
@@ -240,7 +262,11 @@ def test_delete_only_empty_containers(inv: Inventory) -> None:
     inv.apply_snapshot(host.id, snapshot(vm("1")))
     with unchanged(inv), pytest.raises(InvalidArgument, match="not empty") as caught:
         inv.delete(folder.id)
-    assert caught.value.field == "node"
+    assert str(caught.value) == "node: folder /dc1/f is not empty (1 object in it)"
+    inv.create_folder(folder.id, "g")
+    with unchanged(inv), pytest.raises(InvalidArgument, match=r"\(2 objects in it\)"):
+        inv.delete(folder.id)
+    inv.delete(inv.resolve("/dc1/f/g").id)
     with unchanged(inv), pytest.raises(InvalidArgument, match="is a host"):
         inv.delete(host.id)
     with unchanged(inv), pytest.raises(InvalidArgument, match="belongs to its host"):
@@ -305,6 +331,12 @@ def test_kinds_live_only_where_they_may(inv: Inventory) -> None:
         with unchanged(inv), pytest.raises(InvalidArgument) as caught:
             attempt()
         assert caught.value.field == "parent", caught.value
+    # Under its own VM: what is wrong is the kind of parent, not a loop.
+    with unchanged(inv), pytest.raises(InvalidArgument) as caught:
+        inv.move(host.id, vm_id)
+    assert str(caught.value) == (
+        "parent: a host cannot be in vm /dc1/h/1 (only in a cluster, datacenter or folder)"
+    )
     not_movable: list[Callable[[], object]] = [
         lambda: inv.move(dc.id, other.id),
         lambda: inv.move(vm_id, other.id),
@@ -387,6 +419,14 @@ def test_a_host_is_registered_once(inv: Inventory) -> None:
     inv.add_host(dc.id, "h", "thinvisor", "https://h:8443")
     with unchanged(inv), pytest.raises(AlreadyExists, match="already registered as /dc1/h"):
         inv.add_host(dc.id, "h2", "thinvisor", "https://h:8443")
+    # Whatever spelling a host was stored in, it is the same host.
+    for spelling in ("https://H:8443/", "h", "https://h:8443/api/v1"):
+        with unchanged(inv), pytest.raises(AlreadyExists, match=r"as /dc1/h$"):
+            inv.add_host(dc.id, "h2", "thinvisor", spelling)
+    found = inv.host_at("thinvisor", "H")
+    assert found is not None and found.path == "/dc1/h"
+    assert inv.host_at("thinvisor", "https://h:9443") is None
+    assert inv.host_at("libvirt", "https://h:8443") is None
     with unchanged(inv), pytest.raises(InvalidArgument) as caught:
         inv.add_host(dc.id, "h3", "thinvisor", "")
     assert caught.value.field == "address"

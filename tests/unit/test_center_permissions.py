@@ -189,3 +189,16 @@ def test_grants_go_with_their_objects(site: Site) -> None:
     site.inv.move(site.h2.id, site.prod.id)
     assert perms.allowed("bob", None, site.c.id, Permission.POWER)
     assert [g.path for g in perms.grants()] == ["/dc1/prod/h2"]
+
+
+def test_revoke_all_takes_every_grant_of_one_user_only(site: Site) -> None:
+    perms = site.perms
+    perms.grant(site.prod.id, "ann", Role.OPERATOR)
+    perms.grant(site.c.id, "ann", Role.ADMIN)
+    perms.grant(site.prod.id, "bob", Role.READ_ONLY)
+    assert perms.revoke_all("ann") == 2
+    assert perms.grants(principal="ann") == []
+    # A new user of the same name starts from their own role, nowhere more.
+    assert perms.effective_role("ann", site.a.id, None) is None
+    assert [(g.path, g.principal) for g in perms.grants()] == [("/dc1/prod", "bob")]
+    assert perms.revoke_all("ann") == 0

@@ -9,10 +9,13 @@ process, are the ones it manages).
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import signal
 import socket
+import ssl
+import stat
 import subprocess
 import sys
 import threading
@@ -20,23 +23,35 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
+import typer
 import uvicorn
 from argon2 import PasswordHasher
+from rich.text import Text
+from typer.testing import CliRunner
+from websockets.sync.server import ServerConnection, serve
 
 from thinvisor.auth import Role, UserStore
 from thinvisor.center.agent import CenterAgent
 from thinvisor.center.api.app import create_center_app
 from thinvisor.center.config import CenterApiConfig, CenterConfig
+from thinvisor.center.db import open_database
+from thinvisor.center.inventory import Inventory
+from thinvisor.center.permissions import Permissions
+from thinvisor.center.secrets import SecretBox
+from thinvisor.cli import center as center_cli
 from thinvisor.cli.center import normal_fingerprint
 from thinvisor.cli.center_client import center_url
+from thinvisor.cli.center_vm import serial_target
+from thinvisor.cli.main import app
 from thinvisor.cli.remote import Login, pinned_context, save_login
 from thinvisor.errors import InvalidArgument
 from thinvisor.providers.base import PowerState
 from thinvisor.providers.fake import FakeHost, fake_host, remove_fake_host
-from thinvisor.tls import fingerprint
+from thinvisor.tls import ensure_certificate, fingerprint
 
 from .clienv import tv
 
@@ -254,11 +269,15 @@ def test_hosts_tree_and_vms_through_the_cli(
     unpinned = tv(admin, *add, code=1)
     assert unpinned == (
         f"error: fingerprint: {a.address} presented a certificate with SHA-256 fingerprint "
-        f"{HOST_FINGERPRINT}; check it on the host ('thinvisor host info' there) and run "
-        f"again with --fingerprint {HOST_FINGERPRINT}\n"
+        f"{HOST_FINGERPRINT}; check it on the host and run again with --fingerprint "
+        f"{HOST_FINGERPRINT}\n"
     )
-    assert tv(admin, *add, "--fingerprint", HOST_FINGERPRINT) == (
-        "added host /dc1/prod/hosta (fake, connected)\n"
+    # Trusted as the center saw it: said, then added.
+    trusting = CliRunner().invoke(app, [*add, "--yes"], env=admin)
+    assert (trusting.exit_code, trusting.stderr, trusting.stdout) == (
+        0,
+        f"The certificate of {a.address} has the SHA-256 fingerprint\n  {HOST_FINGERPRINT}\n",
+        "added host /dc1/prod/hosta (fake, connected)\n",
     )
     tv(admin, "center", "host", "add", b.address, "--provider", "fake", "--parent", "/dc1/c1",
        "--user", "admin", "--password-file", str(tmp_path / "hostpw"))  # fmt: skip
@@ -318,8 +337,8 @@ def test_snapshots_tasks_events_through_the_cli(
         "vm.snapshot.revert",
         "vm.snapshot.create",
     ]
-    events = tv(admin, "center", "events", "--kind", "snapshot.")
-    assert "snapshot.created host/hostb/vm/web [admin]: hostb: web: snapshot before taken" in events
+    events = tv(admin, "center", "events", "--kind", "vm.")
+    assert "vm.changed host/hostb/vm/web [admin]: hostb: web: snapshot before taken" in events
 
 
 def test_permissions_tags_and_the_tree_through_the_cli(
@@ -358,8 +377,16 @@ def test_permissions_tags_and_the_tree_through_the_cli(
     )
     shown = json.loads(tv(admin, "center", "tag", "show", "gold", "--json"))
     assert [n["path"] for n in shown["nodes"]] == ["/dc1/prod/hosta"]
-    assert tv(admin, "center", "move", "/dc1/prod/hosta", "/dc1/dev") == (
+    # Hosts are named by their name here as in 'host remove', 'vm list --host'.
+    assert tv(admin, "center", "move", "hosta", "/dc1/dev") == (
         "/dc1/prod/hosta is now /dc1/dev/hosta\n"
+    )
+    assert tv(admin, "center", "move", "hosta", "web", code=1) == (
+        "error: object: 2 objects are named 'web' (/dc1/dev/hosta/web, /dc1/dev/hostb/web): "
+        "give a path\n"
+    )
+    assert tv(admin, "center", "move", "nothing", "/dc1", code=1) == (
+        "error: no host or VM named 'nothing'; give a path such as /dc1/folder\n"
     )
     assert tv(admin, "center", "rename", "/dc1/dev", "test") == "/dc1/dev is now /dc1/test\n"
     assert tv(admin, "center", "remove", "/dc1/test", code=1) == (
@@ -386,3 +413,208 @@ def test_a_center_that_does_not_answer_is_one_line(tmp_path: Path) -> None:
     error = tv(env, "center", "vm", "list", code=1)
     assert error.startswith(f"error: cannot reach http://127.0.0.1:{port}")
     assert error.count("\n") == 1
+
+
+# --- the local center's files -----------------------------------------------------------
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_removing_a_user_takes_their_grants_away(tmp_path: Path) -> None:
+    config = write_config(tmp_path, free_port())
+    state = tmp_path / "state"
+    state.mkdir(mode=0o755)  # made by hand, or by an older center
+    env = {"THINVISOR_CENTER_CONFIG": str(config)}
+    (tmp_path / "pw").write_text(PASSWORD + "\n")
+    tv(env, "center", "init", "--password-file", str(tmp_path / "pw"))
+    assert mode(state) == 0o700
+    tv(env, "center", "user", "add", "bob", "--role", "no-access",
+       "--password-file", str(tmp_path / "pw"))  # fmt: skip
+    database = open_database(f"sqlite:///{state / 'inventory.db'}")
+    try:
+        inventory = Inventory(database, SecretBox(state / "secret.key"))
+        dc = inventory.create_datacenter("dc1")
+        prod = inventory.create_folder(dc.id, "prod")
+        permissions = Permissions(database)
+        permissions.grant(dc.id, "bob", Role.READ_ONLY)
+        permissions.grant(prod.id, "bob", Role.OPERATOR)
+        permissions.grant(prod.id, "admin", Role.READ_ONLY)
+        assert tv(env, "center", "user", "remove", "bob") == (
+            "removed user 'bob' and their roles on 2 objects\n"
+        )
+        # A new bob is not the old one: he has only what he is given.
+        assert permissions.grants(principal="bob") == []
+        assert [g.principal for g in permissions.grants()] == ["admin"]
+    finally:
+        database.close()
+    assert (
+        tv(env, "center", "user", "remove", "bob", code=1) == "error: user 'bob' does not exist\n"
+    )
+    assert mode(state / "inventory.db") == 0o600
+
+
+# --- adding a host that presents a certificate ----------------------------------------
+
+
+class _Refusing(http.server.BaseHTTPRequestHandler):
+    """A thinvisor host's API that refuses every credential."""
+
+    def do_GET(self) -> None:
+        body = json.dumps({"error": "unauthorized", "message": "wrong user name or password"})
+        self.send_response(401)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body.encode())
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+class _Server(http.server.ThreadingHTTPServer):
+    def handle_error(self, request: object, client_address: object) -> None:
+        pass  # clients that drop the connection after the handshake (to learn the certificate)
+
+
+@pytest.fixture
+def tls_host(tmp_path: Path) -> Iterator[tuple[str, str]]:
+    """An HTTPS server standing for a host that refuses every credential: its URL and its
+    certificate's fingerprint."""
+    cert, key = tmp_path / "host.crt", tmp_path / "host.key"
+    fp = ensure_certificate(cert, key, ["localhost"])
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server = _Server(("127.0.0.1", 0), _Refusing)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"https://127.0.0.1:{server.server_address[1]}", fp
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def test_a_hosts_certificate_is_shown_before_its_password_is_asked(
+    center: ThreadCenter, tls_host: tuple[str, str], tmp_path: Path
+) -> None:
+    url, fp = tls_host
+    admin = center.env(tmp_path, "admin")
+    tv(admin, "center", "datacenter", "create", "dc1")
+    add = ["center", "host", "add", f"{url}/", "--parent", "/dc1", "--user", "admin"]
+    hints = {
+        "thinvisor": "check it on the host ('thinvisor host info' there)",
+        "vsphere": "compare it with the fingerprint of the certificate the vCenter or ESXi "
+        "shows (in its client, or with openssl)",
+    }
+    for provider, hint in hints.items():
+        # No password is given: had it been asked for, the prompt would have failed.
+        result = CliRunner().invoke(app, [*add, "--provider", provider], env=admin)
+        assert result.exit_code == 1
+        assert result.output == (
+            f"error: fingerprint: {url}/ presented a certificate with SHA-256 fingerprint "
+            f"{fp}; {hint} and run again with --fingerprint {fp}\n"
+        )
+    (tmp_path / "hostpw").write_text("wrong\n")
+    with_password = [*add, "--provider", "thinvisor", "--password-file", str(tmp_path / "hostpw")]
+    trusted = tv(admin, *with_password, "--yes", code=1)
+    assert trusted == (
+        f"The certificate of {url}/ has the SHA-256 fingerprint\n  {fp}\n"
+        f"error: password: {url}: the host refused the credentials: wrong user name or password\n"
+    )
+    assert tv(admin, *with_password, "--fingerprint", fp, code=1).endswith(
+        "the host refused the credentials: wrong user name or password\n"
+    )
+
+
+# --- what the commands print ------------------------------------------------------------
+
+
+def test_help_texts_keep_their_brackets() -> None:
+    # Help is rich markup: "[the host's own]" would be read as a tag and vanish.
+    def commands(command: Any) -> Iterator[Any]:
+        yield command
+        for sub in getattr(command, "commands", {}).values():  # a group's
+            yield from commands(sub)
+
+    center = typer.main.get_command(center_cli.app)
+    texts = [
+        (command.name, text)
+        for command in commands(center)
+        for text in [command.help or "", *(getattr(p, "help", None) or "" for p in command.params)]
+    ]
+    assert len(texts) > 100
+    eaten = [(name, text) for name, text in texts if Text.from_markup(text).plain != text]
+    assert eaten == []
+    help_text = tv({"COLUMNS": "200"}, "center", "host", "add", "--help")
+    assert "Its name (default: the one the host gives)." in help_text
+    assert "CPUs (default: 1, or the template's)." in tv(
+        {"COLUMNS": "200"}, "center", "vm", "create", "--help"
+    )
+
+
+def test_info_shows_the_whole_fingerprint_on_a_narrow_terminal(
+    center: ThreadCenter, tmp_path: Path
+) -> None:
+    center.agent.tls_fingerprint = ":".join(["C9"] * 32)
+    info = tv({**center.env(tmp_path, "alice"), "COLUMNS": "60"}, "center", "info")
+    assert f"TLS fingerprint  {center.agent.tls_fingerprint}\n" in info
+    assert "database         sqlite\n" in info
+
+
+# --- the serial console through the center ----------------------------------------------
+
+
+@pytest.fixture
+def console_host() -> Iterator[str]:
+    """A WebSocket server standing for a host's serial console: it sends its history,
+    then echoes what it gets, upper-cased. Its ws:// address."""
+
+    def handler(conn: ServerConnection) -> None:
+        conn.send(b"booted\nlogin: ")
+        for message in conn:
+            conn.send(message.upper() if isinstance(message, bytes) else message.encode())
+
+    with serve(handler, "127.0.0.1", 0) as server:
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        yield f"ws://127.0.0.1:{server.socket.getsockname()[1]}"
+        server.shutdown()
+        thread.join(5)
+
+
+def test_the_serial_console_through_the_center(
+    center: ThreadCenter, console_host: str, tmp_path: Path
+) -> None:
+    host = fake_host(console_host, name="con1", username=None, vms=["vm1"])
+    try:
+        admin = center.env(tmp_path, "admin")
+        tv(admin, "center", "datacenter", "create", "dc1")
+        tv(admin, "center", "host", "add", console_host, "--provider", "fake", "--parent", "/dc1")
+        result = subprocess.run(
+            [THINVISOR, "center", "vm", "console", "vm1", "--history", "1"],
+            input=b"hello\n",
+            capture_output=True,
+            env={**os.environ, **admin},
+            timeout=60,
+            check=False,
+        )
+        assert (result.returncode, result.stderr) == (0, b"")
+        assert result.stdout == b"booted\nlogin: HELLO\n"
+    finally:
+        remove_fake_host(host.address)
+
+
+def test_the_serial_console_url_and_credentials() -> None:
+    fp = ":".join(["AB"] * 32)
+    login = Login(url="https://c.example:9443", token="tv_x", fingerprint=fp, user="u")
+    target = serial_target(login, 42, "serial 1")
+    assert target.url == "wss://c.example:9443/api/v1/vms/42/console/serial?port=serial%201"
+    assert (target.headers, target.fingerprint) == ({"Authorization": "Bearer tv_x"}, fp)
+    changed = target.changed(target.server, "00", fp)
+    assert "'thinvisor center login https://c.example:9443'" in str(changed)
+    plain = serial_target(Login(url="http://c:9443", token="t", user="u"), 7, None)
+    assert (plain.url, plain.fingerprint) == ("ws://c:9443/api/v1/vms/7/console/serial", None)

@@ -17,6 +17,7 @@ from thinvisor.center.inventory import Inventory
 from thinvisor.center.permissions import Permissions
 from thinvisor.center.secrets import SecretBox
 from thinvisor.center.service import CenterService
+from thinvisor.fs import private_dir
 from thinvisor.host.events import EventLog
 from thinvisor.host.tasks import TaskManager
 
@@ -26,7 +27,7 @@ log = logging.getLogger(__name__)
 class CenterAgent:
     def __init__(self, config: CenterConfig, *, database: Database | None = None) -> None:
         self.config = config
-        config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        private_dir(config.state_dir)
         self.events = EventLog(config.state_dir / "events.jsonl")
         self.tasks = TaskManager(self.events)
         self.users = UserStore(config.state_dir / "users.json")

@@ -17,6 +17,8 @@ database at the previous head.
 
 from __future__ import annotations
 
+import os
+import stat
 import threading
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -40,6 +42,8 @@ CONNECT_TIMEOUT_S = 10
 SQLITE_BUSY_TIMEOUT_S = 30.0
 # Any constant shared by every center: it serialises concurrent migrations of one database.
 _MIGRATION_LOCK = 0x7468696E
+# The files SQLite keeps beside a database in WAL mode.
+_SQLITE_SIDE_FILES = ("-wal", "-shm")
 
 
 class Database:
@@ -136,13 +140,7 @@ def _engine(url: URL) -> Engine:
 def _sqlite_engine(url: URL) -> Engine:
     memory = url.database in (None, "", ":memory:")
     if not memory and url.database is not None:
-        directory = Path(url.database).parent
-        try:
-            directory.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise InvalidArgument(
-                "database.url", f"cannot make the directory {directory}: {exc.strerror}"
-            ) from None
+        _private_file(Path(url.database))
     options: dict[str, Any] = {
         "connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_S, "check_same_thread": False}
     }
@@ -154,6 +152,21 @@ def _sqlite_engine(url: URL) -> Engine:
     event.listen(engine, "connect", _sqlite_connect)
     event.listen(engine, "begin", _sqlite_begin)
     return engine
+
+
+def _private_file(path: Path) -> None:
+    """Make the SQLite file ``path`` readable by its owner only (it holds the hosts'
+    sealed passwords and the whole inventory), before SQLite opens it: SQLite gives its
+    ``-wal`` and ``-shm`` files the database file's permissions. Files there already are
+    made private too."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+        for each in (path, *(path.with_name(path.name + end) for end in _SQLITE_SIDE_FILES)):
+            if each.exists() and stat.S_IMODE(each.stat().st_mode) & 0o077:
+                each.chmod(0o600)
+    except OSError as exc:
+        raise InvalidArgument("database.url", f"cannot make {path}: {exc.strerror}") from None
 
 
 def _sqlite_connect(dbapi_connection: Any, _record: object) -> None:

@@ -50,6 +50,7 @@ from thinvisor.center.models import (
 )
 from thinvisor.center.secrets import SecretBox
 from thinvisor.errors import AlreadyExists, InvalidArgument, NotFound
+from thinvisor.providers import canonical_address
 from thinvisor.providers.base import (
     DatastoreRecord,
     HostRecord,
@@ -318,9 +319,11 @@ def _check_free(session: Session, parent: Node | None, name: str) -> None:
 
 def _check_parent(kind: NodeKind, parent: Node) -> None:
     if parent.kind not in ALLOWED_PARENTS[kind]:
-        allowed = " or ".join(sorted(str(k) for k in ALLOWED_PARENTS[kind] if k is not None))
+        kinds = sorted(str(k) for k in ALLOWED_PARENTS[kind] if k is not None)
+        where = " or ".join(filter(None, (", ".join(kinds[:-1]), kinds[-1]))) if kinds else ""
+        only = f"only in a {where}" if where else "only at the root"
         raise InvalidArgument(
-            "parent", f"a {kind} cannot be in {parent.kind} {parent.path} (only in a {allowed})"
+            "parent", f"a {kind} cannot be in {parent.kind} {parent.path} ({only})"
         )
 
 
@@ -522,11 +525,12 @@ class Inventory:
             node = _load_node(session, node_id)
             _check_editable(node, "moved")
             parent = _load_node(session, parent_id)
+            # The kind first: a host cannot be under a VM, whoever's VM it is.
+            _check_parent(node.kind, parent)
             if node.id in {a.id for a in _ancestor_nodes(session, parent.id)}:
                 raise InvalidArgument(
                     "parent", f"cannot move {node.path} into itself or into {parent.path} below it"
                 )
-            _check_parent(node.kind, parent)
             if node.parent_id == parent.id:
                 return node
             _check_free(session, parent, node.name)
@@ -546,8 +550,9 @@ class Inventory:
                 select(func.count()).select_from(NodeModel).where(NodeModel.parent_id == node.id)
             )
             if count:
+                things = "object" if count == 1 else "objects"
                 raise InvalidArgument(
-                    "node", f"{node.kind} {node.path} is not empty ({count} objects in it)"
+                    "node", f"{node.kind} {node.path} is not empty ({count} {things} in it)"
                 )
             _delete_nodes(session, [node.id])
 
@@ -671,6 +676,12 @@ class Inventory:
         """The host ``host_id`` (``NotFound`` if there is none)."""
         with self.db.read() as session:
             return _load_host_row(session, host_id)
+
+    def host_at(self, provider: str, address: str) -> HostRow | None:
+        """The ``provider`` host registered at ``address`` (in any spelling of it), if any."""
+        with self.db.read() as session:
+            found = _registered(session, provider, address)
+            return None if found is None else _load_host_row(session, found)
 
     def remove_host(self, host_id: int) -> None:
         """Forget a host with its VMs, datastores and networks (nothing on the host changes)."""
@@ -933,11 +944,26 @@ def _load_host_row(session: Session, host_id: int) -> HostRow:
     return _host_row(host, _get_node(session, host_id), _path(session, host_id))
 
 
+def _registered(session: Session, provider: str, address: str) -> int | None:
+    """The id of the ``provider`` host at ``address``, in whatever spelling it was stored."""
+    query = select(HostModel.node_id, HostModel.address).where(HostModel.provider == provider)
+    wanted = _canonical(provider, address)
+    for node_id, stored in session.execute(query):
+        if _canonical(provider, stored) == wanted:
+            found: int = node_id
+            return found
+    return None
+
+
+def _canonical(provider: str, address: str) -> str:
+    try:
+        return canonical_address(provider, address)
+    except InvalidArgument:
+        return address  # not one of the kind's addresses: only the same text is the same
+
+
 def _check_unregistered(session: Session, provider: str, address: str) -> None:
-    query = select(HostModel.node_id).where(
-        HostModel.provider == provider, HostModel.address == address
-    )
-    existing = session.scalars(query).first()
+    existing = _registered(session, provider, address)
     if existing is not None:
         raise AlreadyExists(
             f"a {provider} host at {address} is already registered as {_path(session, existing)}"

@@ -20,8 +20,9 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any, cast
 
-from sqlalchemy import select
+from sqlalchemy import CursorResult, delete, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -93,6 +94,17 @@ class Permissions:
                 return False
             session.delete(row)
             return True
+
+    def revoke_all(self, principal: str) -> int:
+        """Take every grant of ``principal`` away (their user is gone: a new user of that
+        name must not inherit them); how many there were."""
+        with self.db.write() as session:
+            result = session.execute(
+                delete(PermissionModel).where(PermissionModel.principal == principal),
+                execution_options={"synchronize_session": False},
+            )
+            # A DELETE's result is a cursor's: it has the count of rows deleted.
+            return cast(CursorResult[Any], result).rowcount
 
     def grants(self, node_id: int | None = None, principal: str | None = None) -> list[Grant]:
         """Grants (on one node, or of one principal, or all), by path and principal."""

@@ -14,6 +14,7 @@ from thinvisor.api.server import _listening, _serve_all, _server, certificate_fi
 from thinvisor.center.agent import CenterAgent
 from thinvisor.center.api.app import create_center_app
 from thinvisor.center.config import CenterConfig
+from thinvisor.fs import private_dir
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +23,7 @@ def serve(config: CenterConfig, *, listen: str | None = None, port: int | None =
     """Run the center until SIGTERM or SIGINT."""
     # A daemon says what it does: hosts connecting and lost, requests.
     logging.getLogger().setLevel(logging.INFO)
-    config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    private_dir(config.state_dir)
     agent = CenterAgent(config)  # opens (and migrates) the database: fails here if it cannot
     try:
         tls = _tls(config, agent)

@@ -20,6 +20,7 @@ from thinvisor.center.config import SyncConfig
 from thinvisor.center.inventory import HostRow, Inventory, VmRow
 from thinvisor.center.sync import HostSync, SyncManager, within
 from thinvisor.errors import (
+    AlreadyExists,
     CertificateMismatch,
     CredentialsRefused,
     InvalidArgument,
@@ -28,7 +29,7 @@ from thinvisor.errors import (
 )
 from thinvisor.host.events import EventLog
 from thinvisor.host.tasks import Progress, Task, TaskManager
-from thinvisor.providers import open_provider
+from thinvisor.providers import canonical_address, open_provider
 from thinvisor.providers.base import (
     SUSPEND_ACTIONS,
     Capability,
@@ -87,7 +88,17 @@ class CenterService:
         name: str | None = None,
         user: str | None = None,
     ) -> HostRow:
-        """Connect to a host, then register it under ``parent_id`` and follow it."""
+        """Connect to a host, then register it under ``parent_id`` and follow it.
+
+        ``address`` is stored in its canonical spelling (``canonical_address``): a host
+        already registered under another spelling of it is refused (``AlreadyExists``)
+        before anything is tried."""
+        address = canonical_address(provider, address)
+        existing = await asyncio.to_thread(self.inventory.host_at, provider, address)
+        if existing is not None:
+            raise AlreadyExists(
+                f"a {provider} host at {address} is already registered as {existing.path}"
+            )
         connection = Connection(address, username, password, fingerprint)
         record = await _check_connection(open_provider(provider, connection))
         row = await asyncio.to_thread(
@@ -148,7 +159,7 @@ class CenterService:
     async def power(self, vm_id: int, action: PowerAction, *, user: str | None = None) -> Task:
         vm, provider = await self._target(vm_id)
         needed = Capability.SUSPEND if action in SUSPEND_ACTIONS else Capability.POWER
-        provider.require(needed)
+        provider.require(needed, action.value)
 
         async def work(progress: Progress) -> dict[str, Any]:
             progress.update(10, f"{action.value} on {vm.host_name}")
@@ -289,13 +300,23 @@ async def _check_connection(provider: Provider) -> Any:
         address = provider.connection.address
         raise InvalidArgument("address", f"{address} did not answer in time") from None
     except Unreachable as exc:
-        raise InvalidArgument("address", f"cannot connect: {exc}") from None
+        raise InvalidArgument("address", _saying(exc, "cannot connect")) from None
     except CertificateMismatch as exc:
         raise InvalidArgument("fingerprint", str(exc)) from None
     except CredentialsRefused as exc:
-        raise InvalidArgument("password", f"the host refused the credentials: {exc}") from None
+        raise InvalidArgument("password", _saying(exc, "refused", _REFUSED)) from None
     finally:
         await provider.close()
+
+
+_REFUSED = "the host refused the credentials"
+
+
+def _saying(exc: Exception, words: str, prefix: str | None = None) -> str:
+    """The provider's message, which says ``words`` once: it is prefixed with ``prefix``
+    (``words`` if None) only where the provider's own message does not say them."""
+    message = str(exc)
+    return message if words in message else f"{prefix or words}: {message}"
 
 
 def vm_dict(vm: VmRow) -> dict[str, Any]:

@@ -174,10 +174,11 @@ class HostSync:
             await asyncio.to_thread(self._store.set_host_connected, self.host_id, change.host)
         vm = change.vm.name if change.vm is not None else change.vm_id
         self._emit(
-            change.peer_kind or change.kind.value,
+            event_kind(change),
             f"{self.name}: {change.message}",
             vm=vm,
             user=change.user,
+            peer_kind=change.peer_kind,
         )
 
     async def _lost(self, reason: str) -> None:
@@ -197,10 +198,38 @@ class HostSync:
             await _close(provider)
 
     def _emit(
-        self, kind: str, message: str, *, vm: str | None = None, user: str | None = None
+        self,
+        kind: str,
+        message: str,
+        *,
+        vm: str | None = None,
+        user: str | None = None,
+        peer_kind: str | None = None,
     ) -> None:
         obj = f"host/{self.name}" + (f"/vm/{vm}" if vm else "")
-        self._events.emit(kind, message, object=obj, user=user, data={"host": self.name})
+        data = {"host": self.name} | ({"peer_kind": peer_kind} if peer_kind else {})
+        self._events.emit(kind, message, object=obj, user=user, data=data)
+
+
+#: The center's event kind for each kind of change, where the peer's own kind is not one.
+_CHANGE_KINDS = {
+    ChangeKind.VM_CHANGED: "vm.changed",
+    ChangeKind.VM_REMOVED: "vm.removed",
+    ChangeKind.HOST_CHANGED: "host.changed",
+    ChangeKind.RESYNC: "host.resync",
+}
+
+
+def event_kind(change: ChangeEvent) -> str:
+    """The kind of the center's event for a host's change, the same whatever the provider:
+    ``vm.*`` for a VM's, ``host.*`` for the host's. A peer's own kind is kept where it
+    is such a kind already (a thinvisor host's ``vm.powered_on``); else the change's
+    (``vm.changed`` for a vSphere VM's ``modify``). The peer's kind stays in the event's
+    data, as ``peer_kind``."""
+    peer = change.peer_kind
+    if peer and peer.startswith(("vm.", "host.")):
+        return peer
+    return _CHANGE_KINDS[change.kind]
 
 
 async def within(seconds: float, awaitable: Awaitable[T]) -> T:

@@ -46,7 +46,9 @@ from thinvisor.cli.remote import (
 )
 from thinvisor.cli.users import read_password
 from thinvisor.errors import AlreadyExists, InvalidArgument, ThinvisorError
+from thinvisor.fs import private_dir
 from thinvisor.model.vm import check_name
+from thinvisor.providers import canonical_address
 
 app = typer.Typer(
     help="The management center: hosts of every vendor, and their VMs, in one inventory.",
@@ -71,7 +73,7 @@ ConfigOpt = Annotated[
     typer.Option(
         "--config",
         envvar=CENTER_CONFIG_ENV,
-        help="Center configuration file [default: /etc/thinvisor/center.toml].",
+        help="Center configuration file (default: /etc/thinvisor/center.toml).",
     ),
 ]
 PasswordFileOpt = Annotated[
@@ -83,7 +85,9 @@ PasswordFileOpt = Annotated[
     ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
-PathArg = Annotated[str, typer.Argument(help="An inventory path (/dc1/folder) or id.")]
+PathArg = Annotated[
+    str, typer.Argument(help="An inventory path (/dc1/folder), an id, or a host's or VM's name.")
+]
 
 out = common.console()
 _FINGERPRINT = re.compile(r"(?:[0-9A-F]{2}:){31}[0-9A-F]{2}")
@@ -126,19 +130,29 @@ def _config(path: Path | None) -> CenterConfig:
 
 @app.command()
 def serve(
-    listen: Annotated[str | None, typer.Option(help="Address to listen on [config].")] = None,
-    port: Annotated[int | None, typer.Option(help="Port [config: 9443].")] = None,
+    listen: Annotated[
+        str | None, typer.Option(help="Address to listen on (default: the configuration's).")
+    ] = None,
+    port: Annotated[
+        int | None, typer.Option(help="Port (default: the configuration's, 9443).")
+    ] = None,
     config: ConfigOpt = None,
 ) -> None:
     """Run the center: its REST API, and the sync of every host it manages."""
     from thinvisor.center.server import serve as run_server
 
     settings = _config(config)
+    common.guard(lambda: private_dir(settings.state_dir))
     common.guard(lambda: run_server(settings, listen=listen, port=port))
 
 
-def _users(config: Path | None) -> UserStore:
-    return UserStore(_config(config).state_dir / "users.json")
+def _users(config: Path | None, *, create: bool = False) -> UserStore:
+    """The local center's users; its state directory made private first (and made, with
+    ``create``)."""
+    state_dir = _config(config).state_dir
+    if create or state_dir.exists():
+        common.guard(lambda: private_dir(state_dir))
+    return UserStore(state_dir / "users.json")
 
 
 def _check_new_user(users: UserStore, name: str) -> None:
@@ -158,7 +172,7 @@ def init(
     config: ConfigOpt = None,
 ) -> None:
     """Create the first admin user of a new center."""
-    users = _users(config)
+    users = _users(config, create=True)
 
     def go() -> str:
         if not users.is_empty():
@@ -184,7 +198,7 @@ def user_add(
     config: ConfigOpt = None,
 ) -> None:
     """Add a user with a role (grants give them other roles on parts of the tree)."""
-    users = _users(config)
+    users = _users(config, create=True)
 
     def go() -> str:
         _check_new_user(users, name)
@@ -210,9 +224,26 @@ def user_list(json_out: JsonOpt = False, config: ConfigOpt = None) -> None:
 def user_remove(
     name: Annotated[str, typer.Argument(help="The user's name.")], config: ConfigOpt = None
 ) -> None:
-    """Remove a user and revoke their tokens."""
-    common.guard(lambda: _users(config).remove_user(name))
-    typer.echo(f"removed user {name!r}")
+    """Remove a user, their tokens and the roles granted to them in the inventory."""
+    from thinvisor.center.db import open_database
+    from thinvisor.center.permissions import Permissions
+
+    settings = _config(config)
+    users = _users(config)
+
+    def go() -> int:
+        # The database first: a user whose grants cannot be revoked is not removed,
+        # lest a new user of the same name inherit them.
+        database = open_database(settings.database_url)
+        try:
+            users.remove_user(name)
+            return Permissions(database).revoke_all(name)
+        finally:
+            database.close()
+
+    revoked: int = common.guard(go)
+    grants = f" and their roles on {revoked} object{'s' if revoked != 1 else ''}" if revoked else ""
+    typer.echo(f"removed user {name!r}{grants}")
 
 
 @user_app.command("passwd")
@@ -319,17 +350,18 @@ def info(json_out: JsonOpt = False) -> None:
     data = on_center(lambda c: c.get("/center"))
 
     def text(d: dict[str, Any]) -> None:
-        print_table(
-            ["", ""],
-            [
-                ["version", f"thinvisor {d['version']}"],
-                ["TLS fingerprint", d["tls_fingerprint"] or "(plain HTTP)"],
-                ["database", d["database"]],
-                ["hosts", _counts(d["hosts"])],
-                ["VMs", _counts(d["vms"])],
-                ["templates", d["templates"]],
-            ],
-        )
+        # Plain lines, not a table: a table cuts what does not fit the terminal, and the
+        # fingerprint must be shown whole to be compared.
+        rows = [
+            ("version", f"thinvisor {d['version']}"),
+            ("TLS fingerprint", d["tls_fingerprint"] or "(plain HTTP)"),
+            ("database", d["database"]),
+            ("hosts", _counts(d["hosts"])),
+            ("VMs", _counts(d["vms"])),
+            ("templates", d["templates"]),
+        ]
+        for key, value in rows:
+            typer.echo(f"{key:<17}{value}")
 
     show(data, json_out, text)
 
@@ -446,6 +478,15 @@ def remove(path: PathArg) -> None:
 HostArg = Annotated[str, typer.Argument(help="The host: its path, id or name.")]
 
 
+#: What to compare a host's certificate with, by provider (others: ``_CHECK_IT``).
+_WHERE_TO_CHECK = {
+    "thinvisor": "check it on the host ('thinvisor host info' there)",
+    "vsphere": "compare it with the fingerprint of the certificate the vCenter or ESXi "
+    "shows (in its client, or with openssl)",
+}
+_CHECK_IT = "check it on the host"
+
+
 @host_app.command("add")
 def host_add(
     address: Annotated[
@@ -460,40 +501,101 @@ def host_add(
     fingerprint: Annotated[
         str | None, typer.Option(help="The SHA-256 fingerprint of the host's certificate.")
     ] = None,
-    name: Annotated[str | None, typer.Option(help="Its name [the host's own].")] = None,
+    name: Annotated[
+        str | None, typer.Option(help="Its name (default: the one the host gives).")
+    ] = None,
+    yes: Annotated[
+        bool,
+        typer.Option("--yes", "-y", help="Trust the host's certificate without asking."),
+    ] = False,
 ) -> None:
-    """Connect to a host and manage it from now on."""
+    """Connect to a host and manage it from now on.
+
+    Without --fingerprint, the host's certificate is shown first, before any password is
+    asked: trust it at the prompt (or with --yes), or run again with --fingerprint."""
     pinned = None if fingerprint is None else common.guard(lambda: normal_fingerprint(fingerprint))
+    if pinned is None:
+        pinned = _seen_fingerprint(provider, address, yes)
     password = None
     if user is not None or password_file is not None:
         password = _password(password_file, f"Password of {user or 'the host'}")
     body = {"provider": provider, "address": address, "username": user, "password": password}
     body |= {"fingerprint": pinned, "name": name}
 
-    async def go(center: CenterClient) -> dict[str, Any]:
-        body["parent"] = (await center.node(parent))["id"]
-        added: dict[str, Any] = (await center.call("POST", "/hosts", body=body)).json()
-        return added
-
     def explain(exc: ThinvisorError) -> None:
         if isinstance(exc, InvalidArgument) and exc.field == "fingerprint" and pinned is None:
-            _unpinned(address, exc)
+            _unpinned(provider, address, exc)
 
-    added = on_center(go, explain)
+    added = on_center(lambda center: _register(center, parent, body, yes), explain)
     state = added["state"] + (f": {added['error']}" if added.get("error") else "")
     typer.echo(f"added host {added['path']} ({added['provider']}, {state})")
 
 
-def _unpinned(address: str, exc: InvalidArgument) -> None:
-    """Say which fingerprint the host presented, and how to trust it."""
-    seen = _FINGERPRINT.search(exc.reason)
-    if seen is None:
-        return
-    common.fail(
-        f"fingerprint: {address} presented a certificate with SHA-256 fingerprint "
-        f"{seen.group()}; check it on the host ('thinvisor host info' there) and run again "
-        f"with --fingerprint {seen.group()}"
+async def _register(
+    center: CenterClient, parent: str, body: dict[str, Any], yes: bool
+) -> dict[str, Any]:
+    """Register the host ``body`` describes under ``parent``; with ``yes`` and no
+    fingerprint, the one the center saw is shown and trusted."""
+    body = body | {"parent": (await center.node(parent))["id"]}
+    try:
+        added: dict[str, Any] = (await center.call("POST", "/hosts", body=body)).json()
+    except InvalidArgument as exc:
+        # Hosts this machine cannot reach, and providers whose certificate the center
+        # checks itself: the center says which certificate it saw.
+        seen = _FINGERPRINT.search(exc.reason) if exc.field == "fingerprint" else None
+        if not (yes and body["fingerprint"] is None and seen):
+            raise
+        _show_fingerprint(body["address"], seen.group())
+        body["fingerprint"] = seen.group()
+        added = (await center.call("POST", "/hosts", body=body)).json()
+    return added
+
+
+def _seen_fingerprint(provider: str, address: str, yes: bool) -> str | None:
+    """The fingerprint of the certificate the host presents, once trusted (shown, then
+    confirmed at a prompt or by ``yes``; else the command stops saying how to go on).
+    None where the host has no certificate, or cannot be reached from here (the center
+    then says what it sees)."""
+    if provider not in _WHERE_TO_CHECK:
+        return None
+    url: str = common.guard(lambda: canonical_address(provider, address))
+    if not url.startswith("https:"):
+        return None
+    try:
+        seen = server_fingerprint(url)
+    except ThinvisorError:
+        return None
+    if not yes and not sys.stdin.isatty():
+        common.fail(_rerun(provider, address, seen))
+    _show_fingerprint(address, seen)
+    if not yes:
+        typer.echo(f"To trust it, {_WHERE_TO_CHECK[provider]} first.", err=True)
+        if not typer.confirm("Trust this certificate?", default=False, err=True):
+            common.fail(
+                "host not added: the certificate was not trusted "
+                f"(once it is checked, run again with --fingerprint {seen})"
+            )
+    return seen
+
+
+def _show_fingerprint(address: str, seen: str) -> None:
+    typer.echo(f"The certificate of {address} has the SHA-256 fingerprint\n  {seen}", err=True)
+
+
+def _rerun(provider: str, address: str, seen: str) -> str:
+    """One line: the fingerprint a host presented, and how to trust it."""
+    check = _WHERE_TO_CHECK.get(provider, _CHECK_IT)
+    return (
+        f"fingerprint: {address} presented a certificate with SHA-256 fingerprint {seen}; "
+        f"{check} and run again with --fingerprint {seen}"
     )
+
+
+def _unpinned(provider: str, address: str, exc: InvalidArgument) -> None:
+    """Say which fingerprint the host presented to the center, and how to trust it."""
+    seen = _FINGERPRINT.search(exc.reason)
+    if seen is not None:
+        common.fail(_rerun(provider, address, seen.group()))
 
 
 @host_app.command("list")

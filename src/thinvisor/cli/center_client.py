@@ -243,14 +243,25 @@ class CenterClient:
     # What commands name by path, id or name
 
     async def node(self, ref: str) -> dict[str, Any]:
-        """The inventory object at a path (``/dc1/prod``) or with an id."""
-        if ref.isdecimal():
-            found: dict[str, Any] = await self.get(f"/nodes/{ref}")
-            return found
-        if not ref.startswith("/"):
-            raise InvalidArgument("path", f"{ref!r} is not a path such as /dc1/folder")
-        found = await self.get("/nodes", path=ref)
+        """The inventory object at a path (``/dc1/prod``), with an id, or the host or VM
+        of a name (unique among hosts and VMs)."""
+        if ref.startswith("/"):
+            at_path: dict[str, Any] = await self.get("/nodes", path=ref)
+            return at_path
+        node_id = ref if ref.isdecimal() else (await self._named(ref))["id"]
+        found: dict[str, Any] = await self.get(f"/nodes/{node_id}")
         return found
+
+    async def _named(self, ref: str) -> dict[str, Any]:
+        """The one host or VM named ``ref``."""
+        if "*" in ref or "?" in ref:
+            raise InvalidArgument("path", f"{ref!r}: name one object, not a pattern")
+        hosts: list[dict[str, Any]] = await self.get("/hosts")
+        vms: list[dict[str, Any]] = await self.get("/vms", name=ref)
+        found = [h for h in hosts if h["name"] == ref] + vms
+        if not found:
+            raise NotFound(f"no host or VM named {ref!r}; give a path such as /dc1/folder")
+        return _one("object", ref, found)
 
     async def host(self, ref: str) -> dict[str, Any]:
         """A host by path, id or name (a name must be unique)."""

@@ -7,14 +7,30 @@ unique across the hosts. Operations wait for their task (progress on a terminal)
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import Annotated, Any
 from urllib.parse import quote
 
 import typer
 
 from thinvisor.cli import common
-from thinvisor.cli.center_client import CenterClient, on_center, print_table
+from thinvisor.cli.center_client import (
+    CenterCertificateChanged,
+    CenterClient,
+    load_center_login,
+    on_center,
+    print_table,
+)
+from thinvisor.cli.remote import (
+    ConsoleTarget,
+    Login,
+    attach_console,
+    console_target,
+    open_console,
+)
+from thinvisor.console import serial
 from thinvisor.errors import InvalidArgument, NotFound
 
 app = typer.Typer(help="VMs of every host, through the center.", no_args_is_help=True)
@@ -160,6 +176,40 @@ for _action, _help in POWER_ACTIONS.items():
     app.command(_action, help=_help)(_power_command(_action))
 
 
+# --- the serial console ---------------------------------------------------------------
+
+
+@app.command("console")
+def vm_console(
+    vm: VmArg,
+    port: Annotated[
+        str | None,
+        typer.Option(
+            "--serial", help="Which serial port (default: the VM's first).", show_default=False
+        ),
+    ] = None,
+    history: Annotated[int, typer.Option(help="Print this many lines of history first.")] = 0,
+) -> None:
+    """Attach to a VM's serial console, through the center. Detach with Ctrl-]."""
+    found = on_center(lambda c: c.vm(vm))
+    target = serial_target(common.guard(load_center_login), found["id"], port)
+    if serial.is_terminal():
+        typer.echo(f"Connected to {found['path']}. Detach with {serial.DETACH_KEY_NAME}.", err=True)
+    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+    common.guard(lambda: attach_console(open_console(target), stdin, stdout, history=history))
+    if serial.is_terminal():
+        typer.echo("\r\nDetached.", err=True)
+
+
+def serial_target(login: Login, vm_id: int, port: str | None) -> ConsoleTarget:
+    """The center's broker of the VM ``vm_id``'s serial console (``port``: which one)."""
+    path = f"/vms/{vm_id}/console/serial"
+    if port is not None:
+        path += f"?port={quote(port, safe='')}"
+    target = console_target(login, path)
+    return replace(target, changed=CenterCertificateChanged)
+
+
 # --- creating, changing, deleting -----------------------------------------------------
 
 
@@ -170,9 +220,11 @@ def vm_create(
     template: Annotated[
         str | None, typer.Option(help="A template on that host: path, id or name.")
     ] = None,
-    cpus: Annotated[int | None, typer.Option(min=1, help="[1, or the template's]")] = None,
+    cpus: Annotated[
+        int | None, typer.Option(min=1, help="CPUs (default: 1, or the template's).")
+    ] = None,
     memory: Annotated[
-        int | None, typer.Option(min=1, help="Memory in MiB [256, or the template's].")
+        int | None, typer.Option(min=1, help="Memory in MiB (default: 256, or the template's).")
     ] = None,
     disk: Annotated[int | None, typer.Option(min=1, help="A blank disk of this many MiB.")] = None,
     network: Annotated[str | None, typer.Option(help="A network of the host for a NIC.")] = None,

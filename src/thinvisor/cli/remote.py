@@ -749,6 +749,44 @@ def attach_serial(
     input the session ends once the guest has been quiet ``linger`` seconds after it.
     ``history`` lines of what the port printed before come first."""
     conn = open_serial(login, vm, port)
+    attach_console(conn, stdin, stdout, history=history, linger=linger)
+
+
+@dataclass(frozen=True)
+class ConsoleTarget:
+    """A console WebSocket: where it is, what to send with it, and the certificate it
+    must present."""
+
+    url: str
+    """``wss://...`` (or ``ws://`` for a plain-HTTP server)."""
+    headers: Mapping[str, str]
+    fingerprint: str | None
+    """The pinned SHA-256 fingerprint of the server's certificate (None: plain HTTP)."""
+    server: str
+    """The server's base URL, as errors name it."""
+    changed: Callable[[str, str | None, str | None], ThinvisorError] = CertificateChanged
+    """The error for a certificate that is not the pinned one (server, seen, pinned)."""
+
+
+def console_target(login: Login, path: str) -> ConsoleTarget:
+    """The console at ``path`` (``/vms/web/console/serial?port=serial0``) of the API
+    ``login`` is logged in to, with its token."""
+    secure = login.url.startswith("https:")
+    url = ("wss" if secure else "ws") + login.url[login.url.index(":") :] + API + path
+    headers = {"Authorization": f"Bearer {login.token}"}
+    return ConsoleTarget(url, headers, login.fingerprint if secure else None, login.url)
+
+
+def attach_console(
+    conn: ClientConnection,
+    stdin: BinaryIO,
+    stdout: BinaryIO,
+    *,
+    history: int = 0,
+    linger: float = 1.0,
+) -> None:
+    """Connect a terminal (or pipes) to the open serial console ``conn`` (as
+    ``attach_serial`` does); it is closed at the end."""
     in_fd, out_fd = stdin.fileno(), stdout.fileno()
     saved: list[Any] | None = None
     try:
@@ -767,26 +805,30 @@ def attach_serial(
 
 def open_serial(login: Login, vm: str, port: str) -> ClientConnection:
     """A WebSocket on a VM's serial port, through the pinned TLS of ``login``."""
-    secure = login.url.startswith("https:")
-    url = ("wss" if secure else "ws") + login.url[login.url.index(":") :]
-    url += f"{API}{_vm_path(vm, 'console', 'serial')}?port={quote(port, safe='')}"
-    tls = pinned_context(login.fingerprint) if secure else None
+    path = f"{_vm_path(vm, 'console', 'serial')}?port={quote(port, safe='')}"
+    return open_console(console_target(login, path))
+
+
+def open_console(target: ConsoleTarget) -> ClientConnection:
+    """A WebSocket on ``target``, its certificate checked against the pinned one before
+    anything (the token included) is sent."""
+    tls = pinned_context(target.fingerprint) if target.url.startswith("wss:") else None
     try:
         return connect(
-            url,
+            target.url,
             ssl=tls,
-            additional_headers={"Authorization": f"Bearer {login.token}"},
+            additional_headers=dict(target.headers),
             proxy=None,
             open_timeout=15,
         )
     except InvalidStatus as exc:
         status = exc.response.status_code
-        message = f"{login.url}: the console was refused (HTTP {status})"
+        message = f"{target.server}: the console was refused (HTTP {status})"
         raise RemoteError("http_error", message) from None
     except (OSError, InvalidHandshake, TimeoutError) as exc:
         if tls is not None and tls.mismatch:
-            raise CertificateChanged(login.url, tls.seen, tls.pinned) from exc
-        raise ThinvisorError(f"cannot reach {login.url}: {exc}") from exc
+            raise target.changed(target.server, tls.seen, tls.pinned) from exc
+        raise ThinvisorError(f"cannot reach {target.server}: {exc}") from exc
 
 
 def _history_frame(conn: ClientConnection) -> bytes:

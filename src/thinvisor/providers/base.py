@@ -232,12 +232,14 @@ class Provider(ABC):
     def __init__(self, connection: Connection) -> None:
         self.connection = connection
 
-    def require(self, capability: Capability) -> None:
-        """Raise ``Unsupported`` unless this provider has ``capability``."""
+    def require(self, capability: Capability, action: str | None = None) -> None:
+        """Raise ``Unsupported`` unless this provider has ``capability``; ``action`` (a
+        power action, say) is what the message says cannot be done, where it is given."""
         if capability not in self.capabilities:
+            what, which = (f"{action} VMs", action) if action else (capability.value, "it")
             raise Unsupported(
-                f"{self.connection.address} ({self.kind}): cannot {capability.value}"
-                f" (the {self.kind} provider does not support it)"
+                f"{self.connection.address} ({self.kind}): cannot {what}"
+                f" (the {self.kind} provider does not support {which})"
             )
 
     @abstractmethod
@@ -263,7 +265,8 @@ class Provider(ABC):
         raise AssertionError("a provider with EVENTS overrides events()")
 
     async def power(self, vm_id: str, action: PowerAction) -> VmRecord:
-        self.require(Capability.SUSPEND if action in SUSPEND_ACTIONS else Capability.POWER)
+        needed = Capability.SUSPEND if action in SUSPEND_ACTIONS else Capability.POWER
+        self.require(needed, action.value)
         raise AssertionError("a provider with POWER overrides power()")
 
     async def create(self, spec: CreateVm) -> VmRecord:

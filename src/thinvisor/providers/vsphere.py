@@ -1017,7 +1017,7 @@ class VsphereProvider(Provider):
 
     async def power(self, vm_id: str, action: PowerAction) -> VmRecord:
         if action in SUSPEND_ACTIONS:
-            self.require(Capability.SUSPEND)
+            self.require(Capability.SUSPEND, action.value)
         return await self._run(_Doing(action.value, vm_id), self._live().power, vm_id, action)
 
     async def create(self, spec: CreateVm) -> VmRecord:
