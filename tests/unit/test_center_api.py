@@ -13,7 +13,7 @@ import contextlib
 import json
 import socket
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ from thinvisor.auth import Role, UserStore
 from thinvisor.center.agent import CenterAgent
 from thinvisor.center.api.app import create_center_app
 from thinvisor.center.api.tree import pruned_tree
-from thinvisor.center.config import CenterApiConfig, CenterConfig, SyncConfig
+from thinvisor.center.config import CenterApiConfig, CenterConfig, DatabaseConfig, SyncConfig
 from thinvisor.center.sync import event_kind
 from thinvisor.errors import InvalidArgument
 from thinvisor.providers import KINDS, canonical_address
@@ -102,10 +102,26 @@ def free_port() -> int:
         return port
 
 
+#: The inventory every test's center uses: each test runs on SQLite and on PostgreSQL.
+_DATABASE: dict[str, str] = {}
+
+
+@pytest.fixture(autouse=True)
+def _on_each_database(database_url: str) -> Iterator[None]:
+    _DATABASE["url"] = database_url
+    yield
+    _DATABASE.clear()
+
+
 def center_config(tmp_path: Path) -> CenterConfig:
     # Short sync intervals: a host that stops answering is seen within a second.
     sync = SyncConfig(ping_interval_s=0.1, ping_timeout_s=0.5, reconnect_max_s=0.5)
-    return CenterConfig(state_dir=tmp_path / "state", api=CenterApiConfig(tls=False), sync=sync)
+    return CenterConfig(
+        state_dir=tmp_path / "state",
+        api=CenterApiConfig(tls=False),
+        database=DatabaseConfig(url=_DATABASE.get("url")),
+        sync=sync,
+    )
 
 
 @contextlib.asynccontextmanager
@@ -840,7 +856,8 @@ def test_health_center_info_authentication_and_the_schema(
         await c.call("GET", "/center", auth=("alice", "wrong"), status=401)
         await c.add_host(await c.node("datacenter", None, "dc1"), host)
         info = await c.call("GET", "/center", status=200)
-        assert info["database"] == "sqlite" and info["hosts"] == {"connected": 1}
+        dialect = _DATABASE["url"].split(":", 1)[0]
+        assert info["database"] == dialect and info["hosts"] == {"connected": 1}
         assert (info["vms"], info["templates"]) == ({"stopped": 2}, 1)
         login = await c.call("POST", "/auth/login", json={"user": "alice", "password": PASSWORD},
                              auth=("", ""), status=200)  # fmt: skip
