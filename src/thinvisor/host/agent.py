@@ -39,8 +39,7 @@ class HostAgent:
         self.service = service or HostService(config, events=self.events)
         self.service.events = self.events
         self.tasks = TaskManager(self.events)
-        self.users = UserStore(config.state_dir / "users.json")
-        self.gate = PasswordGate(self.users, self.events)
+        self.gate = PasswordGate(UserStore(config.state_dir / "users.json"), self.events)
         self.stats = StatsSampler(
             self.service.inventory, config.state_dir / "stats", interval_s=config.stats.interval_s
         )
@@ -48,6 +47,15 @@ class HostAgent:
         self._running: dict[str, bool] = {}
         self._ksm_before: memory.KsmSettings | None = None
         self.tls_fingerprint: str | None = None  # set by the server once TLS is set up
+
+    @property
+    def users(self) -> UserStore:
+        """The users every edge checks passwords and tokens against (the gate's)."""
+        return self.gate.users
+
+    @users.setter
+    def users(self, store: UserStore) -> None:
+        self.gate.users = store
 
     @property
     def state_dir(self) -> Path:
