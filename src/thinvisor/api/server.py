@@ -21,6 +21,9 @@ from thinvisor.tls import ensure_certificate
 
 log = logging.getLogger(__name__)
 
+#: How long a stopping server waits for open connections before closing them.
+GRACEFUL_SHUTDOWN_S = 5
+
 
 def certificate_files(
     state_dir: Path, cert_file: Path | None, key_file: Path | None, name: str
@@ -98,6 +101,9 @@ def _server(
             lifespan=lifespan,
             server_header=False,
             log_config=None,
+            # A client holding a connection open (a CIM client's keep-alive after an
+            # error answer, say) must not keep a stopping agent from exiting.
+            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
             **tls,  # type: ignore[arg-type]
         )
     )
