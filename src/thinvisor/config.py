@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 from pydantic import Field, ValidationError, field_validator
 
@@ -28,6 +28,8 @@ DEFAULT_CONFIG = Path("/etc/thinvisor/host.toml")
 CONFIG_ENV = "THINVISOR_CONFIG"
 # The datastores added at runtime, in the state directory.
 ADDED_DATASTORES = "datastores.toml"
+
+ConfigT = TypeVar("ConfigT", bound=StrictModel)
 
 Accel = Literal["auto", "kvm", "tcg"]
 
@@ -213,25 +215,37 @@ class HostConfig(StrictModel):
 
 
 def config_path(explicit: Path | None = None) -> Path:
-    if explicit is not None:
-        return explicit
-    env = os.environ.get(CONFIG_ENV)
-    return Path(env) if env else DEFAULT_CONFIG
+    """The host configuration's file: ``explicit``, else ``$THINVISOR_CONFIG``, else the
+    default."""
+    return config_file(explicit, CONFIG_ENV, DEFAULT_CONFIG)
 
 
 def load_config(explicit: Path | None = None) -> HostConfig:
     """Read the host configuration; defaults when the default file does not exist."""
-    path = config_path(explicit)
+    return load_toml_config(HostConfig, config_path(explicit), DEFAULT_CONFIG)
+
+
+def config_file(explicit: Path | None, env: str, default: Path) -> Path:
+    """A configuration file: ``explicit``, else the one the variable ``env`` names, else
+    ``default``."""
+    if explicit is not None:
+        return explicit
+    named = os.environ.get(env)
+    return Path(named) if named else default
+
+
+def load_toml_config(model: type[ConfigT], path: Path, default: Path) -> ConfigT:
+    """The ``model`` a TOML file holds; the model's defaults when ``path`` is the
+    ``default`` file and it does not exist."""
     if not path.exists():
-        if path == DEFAULT_CONFIG:
-            return HostConfig()
+        if path == default:
+            return model()
         raise InvalidConfig(f"config: {path} does not exist")
     try:
         data = tomllib.loads(path.read_text())
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise InvalidConfig(f"config: cannot read {path}: {exc}") from exc
     try:
-        return HostConfig.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as exc:
-        err = invalid_argument(exc)
-        raise InvalidConfig(f"config: {path}: {err}") from None
+        raise InvalidConfig(f"config: {path}: {invalid_argument(exc)}") from None

@@ -12,7 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
 
 from fastapi import APIRouter, WebSocket
 from starlette.websockets import WebSocketDisconnect, WebSocketState
@@ -57,7 +58,9 @@ async def serial_console(websocket: WebSocket, vm: str, port: str = "serial0") -
     if info is None:
         return
     if info.spec is None or port not in {s.name for s in info.spec.serials}:
-        await _close(websocket, CLOSE_POLICY, f"vm {info.name!r} has no serial port {port!r}")
+        await close_websocket(
+            websocket, CLOSE_POLICY, f"vm {info.name!r} has no serial port {port!r}"
+        )
         return
     code, reason = CLOSE_NORMAL, f"vm {info.name!r}: the serial console closed"
     try:
@@ -71,7 +74,7 @@ async def serial_console(websocket: WebSocket, vm: str, port: str = "serial0") -
         return
     except ThinvisorError as exc:
         code, reason = CLOSE_ERROR, str(exc)
-    await _close(websocket, code, reason)
+    await close_websocket(websocket, code, reason)
 
 
 @router.websocket("/vms/{vm}/console/vnc")
@@ -81,14 +84,14 @@ async def vnc_console(websocket: WebSocket, vm: str) -> None:
     if info is None:
         return
     if info.spec is not None and info.spec.graphics.kind != "vnc":
-        await _close(websocket, CLOSE_POLICY, f"vm {info.name!r} has no graphical console")
+        await close_websocket(websocket, CLOSE_POLICY, f"vm {info.name!r} has no graphical console")
         return
     try:
         reader, writer = await asyncio.wait_for(
             asyncio.open_unix_connection(str(info.paths.vnc_socket)), _CONNECT_TIMEOUT_S
         )
     except (OSError, TimeoutError) as exc:
-        await _close(websocket, CLOSE_ERROR, f"vm {info.name!r}: no VNC server: {exc}")
+        await close_websocket(websocket, CLOSE_ERROR, f"vm {info.name!r}: no VNC server: {exc}")
         return
 
     async def to_vnc(data: bytes) -> None:
@@ -101,7 +104,7 @@ async def vnc_console(websocket: WebSocket, vm: str) -> None:
         writer.close()
         with contextlib.suppress(OSError):
             await writer.wait_closed()
-    await _close(websocket, CLOSE_NORMAL, f"vm {info.name!r}: the VNC server closed")
+    await close_websocket(websocket, CLOSE_NORMAL, f"vm {info.name!r}: the VNC server closed")
 
 
 async def _open(websocket: WebSocket, vm: str) -> VmInfo | None:
@@ -116,13 +119,13 @@ async def _open(websocket: WebSocket, vm: str) -> VmInfo | None:
     try:
         info = await service.get_vm(service.resolve(vm))
     except NotFound as exc:
-        await _close(websocket, CLOSE_POLICY, str(exc))
+        await close_websocket(websocket, CLOSE_POLICY, str(exc))
         return None
     except ThinvisorError as exc:
-        await _close(websocket, CLOSE_ERROR, str(exc))
+        await close_websocket(websocket, CLOSE_ERROR, str(exc))
         return None
     if info.state not in _LIVE_STATES:
-        await _close(websocket, CLOSE_ERROR, f"vm {info.name!r} is not running")
+        await close_websocket(websocket, CLOSE_ERROR, f"vm {info.name!r} is not running")
         return None
     return info
 
@@ -146,9 +149,21 @@ async def _pump(websocket: WebSocket, read: Reader, write: Writer) -> None:
             if data:
                 await write(data)
 
+    await run_both(to_client(), from_client(), expected=_EXPECTED_ENDS, what="console pump")
+
+
+async def run_both(
+    to_client: Coroutine[Any, Any, None],
+    from_client: Coroutine[Any, Any, None],
+    *,
+    expected: tuple[type[BaseException], ...],
+    what: str,
+) -> None:
+    """Run the two directions of a console until either ends, then stop the other; a
+    failure other than an ``expected`` end is logged as ``what`` failing."""
     tasks = [
-        asyncio.create_task(to_client(), name="console-to-client"),
-        asyncio.create_task(from_client(), name="console-from-client"),
+        asyncio.create_task(to_client, name="console-to-client"),
+        asyncio.create_task(from_client, name="console-from-client"),
     ]
     try:
         await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
@@ -160,11 +175,11 @@ async def _pump(websocket: WebSocket, read: Reader, write: Writer) -> None:
         await asyncio.wait(tasks)
     for task in tasks:
         error = None if task.cancelled() else task.exception()
-        if error is not None and not isinstance(error, _EXPECTED_ENDS):
-            log.error("console pump failed", exc_info=error)
+        if error is not None and not isinstance(error, expected):
+            log.error("%s failed", what, exc_info=error)
 
 
-async def _close(websocket: WebSocket, code: int, reason: str) -> None:
+async def close_websocket(websocket: WebSocket, code: int, reason: str) -> None:
     """Close the socket unless either side already has."""
     if (
         websocket.client_state != WebSocketState.CONNECTED

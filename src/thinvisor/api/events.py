@@ -6,6 +6,7 @@ The host agent and the center (whose log merges its hosts' events) both serve it
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Coroutine
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request, WebSocket, WebSocketDisconnect
@@ -58,15 +59,23 @@ async def stream(websocket: WebSocket, since: int | None = None) -> None:
     if await require_ws(websocket, Permission.READ) is None:
         return
     await websocket.accept()
-    sender = asyncio.create_task(_send_events(websocket, since), name="events-to-client")
+    await serve_stream(websocket, _send_events(websocket, since))
+
+
+async def serve_stream(
+    websocket: WebSocket, sender: Coroutine[Any, Any, tuple[int, str] | None]
+) -> None:
+    """Run ``sender`` until it ends or the client goes, whichever is first; if the
+    sender ends with a close code and reason, close the socket with them."""
+    sender_task = asyncio.create_task(sender, name="events-to-client")
     watcher = asyncio.create_task(_until_disconnect(websocket), name="events-client")
     try:
-        await asyncio.wait([sender, watcher], return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait([sender_task, watcher], return_when=asyncio.FIRST_COMPLETED)
     finally:
-        for task in (sender, watcher):
+        for task in (sender_task, watcher):
             task.cancel()
-        await asyncio.wait([sender, watcher])
-    close = None if sender.cancelled() else sender.result()
+        await asyncio.wait([sender_task, watcher])
+    close = None if sender_task.cancelled() else sender_task.result()
     if close is not None and not watcher.done():
         await websocket.close(code=close[0], reason=close[1])
 

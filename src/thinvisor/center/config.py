@@ -7,15 +7,12 @@ SQLite under its state directory, with nothing to install.
 
 from __future__ import annotations
 
-import os
-import tomllib
 from pathlib import Path
 
-from pydantic import Field, ValidationError
+from pydantic import Field
 
-from thinvisor.errors import InvalidConfig
+from thinvisor.config import config_file, load_toml_config
 from thinvisor.model.base import StrictModel
-from thinvisor.model.vm import invalid_argument
 
 DEFAULT_CENTER_CONFIG = Path("/etc/thinvisor/center.toml")
 CENTER_CONFIG_ENV = "THINVISOR_CENTER_CONFIG"
@@ -64,24 +61,11 @@ class CenterConfig(StrictModel):
 
 
 def center_config_path(explicit: Path | None = None) -> Path:
-    if explicit is not None:
-        return explicit
-    env = os.environ.get(CENTER_CONFIG_ENV)
-    return Path(env) if env else DEFAULT_CENTER_CONFIG
+    """The center configuration's file: ``explicit``, else ``$THINVISOR_CENTER_CONFIG``,
+    else the default."""
+    return config_file(explicit, CENTER_CONFIG_ENV, DEFAULT_CENTER_CONFIG)
 
 
 def load_center_config(explicit: Path | None = None) -> CenterConfig:
     """Read the center's configuration; defaults when the default file does not exist."""
-    path = center_config_path(explicit)
-    if not path.exists():
-        if path == DEFAULT_CENTER_CONFIG:
-            return CenterConfig()
-        raise InvalidConfig(f"config: {path} does not exist")
-    try:
-        data = tomllib.loads(path.read_text())
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise InvalidConfig(f"config: cannot read {path}: {exc}") from exc
-    try:
-        return CenterConfig.model_validate(data)
-    except ValidationError as exc:
-        raise InvalidConfig(f"config: {path}: {invalid_argument(exc)}") from None
+    return load_toml_config(CenterConfig, center_config_path(explicit), DEFAULT_CENTER_CONFIG)

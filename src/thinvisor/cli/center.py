@@ -44,10 +44,9 @@ from thinvisor.cli.remote import (
     save_login,
     server_fingerprint,
 )
-from thinvisor.cli.users import read_password
+from thinvisor.cli.users import PasswordFileOpt, check_new_user, read_password
 from thinvisor.errors import AlreadyExists, InvalidArgument, ThinvisorError
 from thinvisor.fs import private_dir
-from thinvisor.model.vm import check_name
 from thinvisor.providers import canonical_address
 
 app = typer.Typer(
@@ -74,14 +73,6 @@ ConfigOpt = Annotated[
         "--config",
         envvar=CENTER_CONFIG_ENV,
         help="Center configuration file (default: /etc/thinvisor/center.toml).",
-    ),
-]
-PasswordFileOpt = Annotated[
-    Path | None,
-    typer.Option(
-        "--password-file",
-        help="Read the password from the first line of this file ('-': standard input) "
-        "instead of prompting.",
     ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
@@ -155,16 +146,6 @@ def _users(config: Path | None, *, create: bool = False) -> UserStore:
     return UserStore(state_dir / "users.json")
 
 
-def _check_new_user(users: UserStore, name: str) -> None:
-    """Refuse a bad or taken name before asking for a password."""
-    try:
-        check_name(name)
-    except ValueError as exc:
-        raise InvalidArgument("name", str(exc)) from None
-    if any(u.name == name for u in users.users()):
-        raise AlreadyExists(f"user {name!r} already exists")
-
-
 @app.command()
 def init(
     user: Annotated[str, typer.Option("--user", help="The admin's name.")] = "admin",
@@ -177,7 +158,7 @@ def init(
     def go() -> str:
         if not users.is_empty():
             raise AlreadyExists(f"users already exist in {users.path}; see 'center user add'")
-        _check_new_user(users, user)
+        check_new_user(users, user)
         created = users.add_first_user(user, read_password(password_file))
         return f"created admin user {created.name!r} in {users.path}"
 
@@ -201,7 +182,7 @@ def user_add(
     users = _users(config, create=True)
 
     def go() -> str:
-        _check_new_user(users, name)
+        check_new_user(users, name)
         created = users.add_user(name, read_password(password_file), role)
         return f"added user {created.name!r} with role {created.role}"
 

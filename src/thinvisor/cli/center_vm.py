@@ -73,8 +73,18 @@ def _operation(
     return on_center(go)
 
 
-def _started(task: dict[str, Any]) -> None:
-    typer.echo(f"task {task['id']} started: {task['kind']} {task['object']}")
+def _run(
+    what: Callable[[CenterClient], Awaitable[tuple[str, str, dict[str, Any] | None]]],
+    no_wait: bool,
+    say: Callable[[Any], str],
+) -> None:
+    """Run an operation (``_operation``) and print what ``say`` says of its result, or
+    with ``no_wait`` that its task started."""
+    result = _operation(what, no_wait)
+    if no_wait:
+        typer.echo(f"task {result['id']} started: {result['kind']} {result['object']}")
+    else:
+        typer.echo(say(result))
 
 
 def _vm_rows(vms: list[dict[str, Any]]) -> None:
@@ -163,11 +173,7 @@ def _power_command(action: str) -> Callable[[str, bool], None]:
             found = await center.vm(vm)
             return "POST", f"/vms/{found['id']}/power/{action}", None
 
-        result = _operation(what, no_wait)
-        if no_wait:
-            _started(result)
-        else:
-            typer.echo(f"vm {result['path']}: {result['power_state']}")
+        _run(what, no_wait, lambda result: f"vm {result['path']}: {result['power_state']}")
 
     return command
 
@@ -240,7 +246,7 @@ def vm_create(
             body["template"] = (await _template(center, template, found["id"]))["id"]
         return "POST", "/vms", body
 
-    _done(_operation(what, no_wait), no_wait, "created")
+    _run(what, no_wait, _said("created"))
 
 
 async def _template(center: CenterClient, ref: str, host_id: int) -> dict[str, Any]:
@@ -254,11 +260,9 @@ async def _template(center: CenterClient, ref: str, host_id: int) -> dict[str, A
     return template
 
 
-def _done(result: Any, no_wait: bool, verb: str) -> None:
-    if no_wait:
-        _started(result)
-    else:
-        typer.echo(f"{verb} vm {result['path']} ({result['power_state']})")
+def _said(verb: str) -> Callable[[dict[str, Any]], str]:
+    """What to say of a VM that an operation has ``verb`` (created, cloned to)."""
+    return lambda vm: f"{verb} vm {vm['path']} ({vm['power_state']})"
 
 
 @app.command("clone")
@@ -273,7 +277,7 @@ def vm_clone(
         found = await center.vm(vm)
         return "POST", f"/vms/{found['id']}/clone", {"name": name}
 
-    _done(_operation(what, no_wait), no_wait, "cloned to")
+    _run(what, no_wait, _said("cloned to"))
 
 
 @app.command("set")
@@ -291,11 +295,11 @@ def vm_set(
         found = await center.vm(vm)
         return "PATCH", f"/vms/{found['id']}", {"cpus": cpus, "memory_mib": memory}
 
-    result = _operation(what, no_wait)
-    if no_wait:
-        _started(result)
-    else:
-        typer.echo(f"vm {result['path']}: {result['cpus']} CPUs, {result['memory_mib']} MiB")
+    _run(
+        what,
+        no_wait,
+        lambda result: f"vm {result['path']}: {result['cpus']} CPUs, {result['memory_mib']} MiB",
+    )
 
 
 @app.command("delete")
@@ -306,11 +310,7 @@ def vm_delete(vm: VmArg, no_wait: NoWaitOpt = False) -> None:
         found = await center.vm(vm)
         return "DELETE", f"/vms/{found['id']}", None
 
-    result = _operation(what, no_wait)
-    if no_wait:
-        _started(result)
-    else:
-        typer.echo(f"deleted vm {result['deleted']}")
+    _run(what, no_wait, lambda result: f"deleted vm {result['deleted']}")
 
 
 # --- snapshots ------------------------------------------------------------------------
@@ -348,11 +348,7 @@ def snapshot_take(
         found = await center.vm(vm)
         return "POST", f"/vms/{found['id']}/snapshots", {"name": name}
 
-    result = _operation(what, no_wait)
-    if no_wait:
-        _started(result)
-    else:
-        typer.echo(f"took snapshot {result['name']!r} ({result['id']})")
+    _run(what, no_wait, lambda result: f"took snapshot {result['name']!r} ({result['id']})")
 
 
 def _snapshot_command(verb: str, method: str, suffix: str) -> Callable[[str, str, bool], None]:
@@ -363,11 +359,7 @@ def _snapshot_command(verb: str, method: str, suffix: str) -> Callable[[str, str
             path = f"/vms/{found['id']}/snapshots/{quote(snap['id'], safe='')}{suffix}"
             return method, path, None
 
-        result = _operation(what, no_wait)
-        if no_wait:
-            _started(result)
-        else:
-            typer.echo(f"{verb} snapshot {snapshot!r}")
+        _run(what, no_wait, lambda result: f"{verb} snapshot {snapshot!r}")
 
     return command
 

@@ -26,7 +26,7 @@ import tty
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, BinaryIO, Protocol
+from typing import Any, BinaryIO, Protocol, Self
 from urllib.parse import quote
 
 import httpx
@@ -144,6 +144,13 @@ def remove_login(path: Path | None = None) -> Login | None:
 def agent_url(text: str) -> str:
     """An agent's base URL from what a user types: ``https://host:port``, ``host:port`` or
     ``host`` (https and port 8443 assumed); a trailing ``/api/v1`` is dropped."""
+    return api_url(text, DEFAULT_PORT, "agent")
+
+
+def api_url(text: str, default_port: int, what: str) -> str:
+    """The base URL of the API of a ``what`` (an agent, a center) from what a user types:
+    ``https://host:port``, ``host:port`` or ``host`` (https and ``default_port`` assumed);
+    a trailing ``/api/v1`` is dropped."""
     raw = text.strip()
     if "://" not in raw:
         raw = f"https://{raw}"
@@ -154,8 +161,8 @@ def agent_url(text: str) -> str:
     if url.scheme not in ("https", "http") or not url.host:
         raise InvalidArgument("url", f"{text!r} is not an https://HOST:PORT URL")
     if url.path.rstrip("/") not in ("", API):
-        raise InvalidArgument("url", f"{text!r}: give the agent's address without a path")
-    port = url.port or (DEFAULT_PORT if "://" not in text else None)
+        raise InvalidArgument("url", f"{text!r}: give the {what}'s address without a path")
+    port = url.port or (default_port if "://" not in text else None)
     host = f"[{url.host}]" if ":" in url.host else url.host
     return f"{url.scheme}://{host}" + (f":{port}" if port else "")
 
@@ -379,12 +386,18 @@ class RemoteVmInfo:
 TaskWatch = Callable[[dict[str, Any]], None]
 
 
-class RemoteHost:
-    """A host agent over REST, with the methods of ``HostService`` that the CLI calls.
+class ApiClient:
+    """A thinvisor REST API (a host agent's or a center's) through the pinned TLS of a
+    login. Use it as an async context manager.
 
-    Use it as an async context manager. Long operations are tasks: they are followed to
-    their end, with a progress bar on stderr when ``show_progress``.
+    Operations may answer with a task: ``result`` follows it to its end, with a progress
+    bar on stderr when ``show_progress``.
     """
+
+    login_command = "thinvisor login"
+    """The command that logs in again, as error messages name it."""
+    first_poll_s = 0.1
+    """How long to wait before asking again about a task that has not finished."""
 
     def __init__(self, login: Login, *, show_progress: bool = False, timeout: float = 120.0):
         self.login = login
@@ -398,10 +411,8 @@ class RemoteHost:
             timeout=httpx.Timeout(timeout, connect=10.0),
             trust_env=False,
         )
-        self.network = RemoteNetwork(self)
-        self.datastores = RemoteDatastores(self)
 
-    async def __aenter__(self) -> RemoteHost:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -421,36 +432,50 @@ class RemoteHost:
         except httpx.TransportError as exc:
             raise self._transport_error(exc) from exc
         if response.status_code >= 400:
-            error = error_of_response(response)
-            if response.status_code == 401 and self.login.token:
-                error = RemoteError(
-                    "unauthorized",
-                    f"{error}; log in again: thinvisor login {self.login.url}",
-                    401,
-                )
-            raise error
+            raise self.answer_error(response)
         return response
+
+    async def get(self, route: str, /, **params: Any) -> Any:
+        """The JSON answer of a GET; parameters that are None are left out."""
+        given = {k: v for k, v in params.items() if v is not None}
+        return (await self.call("GET", route, params=given)).json()
+
+    def answer_error(self, response: httpx.Response) -> ThinvisorError:
+        """The thinvisor error an error answer stands for; a refused token says how to
+        log in again."""
+        error = error_of_response(response)
+        if response.status_code == 401 and self.login.token:
+            message = f"{error}; log in again: {self.login_command} {self.login.url}"
+            return RemoteError("unauthorized", message, 401)
+        return error
+
+    def certificate_changed(self, seen: str | None, pinned: str | None) -> ThinvisorError:
+        """The error for a certificate that is not the one pinned at login."""
+        return CertificateChanged(self.login.url, seen, pinned)
 
     def _transport_error(self, exc: httpx.TransportError) -> ThinvisorError:
         url = self.login.url
         if self._tls is not None and self._tls.mismatch:
-            return CertificateChanged(url, self._tls.seen, self._tls.pinned)
+            return self.certificate_changed(self._tls.seen, self._tls.pinned)
         if isinstance(exc, httpx.TimeoutException):
             return ThinvisorError(f"{url}: no answer in time ({type(exc).__name__})")
         return ThinvisorError(f"cannot reach {url}: {exc or type(exc).__name__}")
 
-    async def result(self, response: httpx.Response, what: str) -> Any:
-        """The answer's body, or, for a 202, its task followed to the end and its result."""
+    async def result(self, response: httpx.Response, what: str, *, wait: bool = True) -> Any:
+        """The answer's body; for a 202, its task followed to the end and its result
+        (without ``wait``: the task as it was accepted)."""
         if response.status_code != 202:
             return response.json() if response.content else None
         task: dict[str, Any] = response.json()
-        delay = 0.1
+        if not wait:
+            return task
+        delay = self.first_poll_s
         with self._watch(what) as watch:
             while task["state"] not in _FINISHED:
                 watch(task)
                 await asyncio.sleep(delay)
                 delay = min(delay * 1.5, 0.5)
-                task = (await self.call("GET", f"/tasks/{quote(task['id'], safe='')}")).json()
+                task = await self.get(f"/tasks/{quote(task['id'], safe='')}")
         if task["state"] == "error":
             err = task.get("error") or {}
             code = str(err.get("error", "thinvisor_error"))
@@ -478,6 +503,25 @@ class RemoteHost:
                 bar.update(bar_id, completed=task.get("progress") or 0, description=description)
 
             yield watch
+
+    async def log_in(self, user: str, password: str, label: str) -> dict[str, Any]:
+        """Trade a password for a token: ``{token, user, role}``."""
+        body = {"user": user, "password": password, "label": label}
+        answer: dict[str, Any] = (await self.call("POST", "/auth/login", body=body)).json()
+        return answer
+
+
+class RemoteHost(ApiClient):
+    """A host agent over REST, with the methods of ``HostService`` that the CLI calls.
+
+    Long operations are tasks: they are followed to their end, with a progress bar on
+    stderr when ``show_progress``.
+    """
+
+    def __init__(self, login: Login, *, show_progress: bool = False, timeout: float = 120.0):
+        super().__init__(login, show_progress=show_progress, timeout=timeout)
+        self.network = RemoteNetwork(self)
+        self.datastores = RemoteDatastores(self)
 
     async def _vm(self, method: str, path: str, what: str, **kwargs: Any) -> RemoteVmInfo:
         response = await self.call(method, path, **kwargs)
@@ -654,12 +698,6 @@ class RemoteHost:
         if target is not None:
             body["target_datastore"] = target
         return await self._vm("POST", "/vms/import", f"import {path}", body=body)
-
-    async def log_in(self, user: str, password: str, label: str) -> dict[str, Any]:
-        """Trade a password for a token: ``{token, user, role}``."""
-        body = {"user": user, "password": password, "label": label}
-        answer: dict[str, Any] = (await self.call("POST", "/auth/login", body=body)).json()
-        return answer
 
 
 def _snapshot(data: dict[str, Any]) -> Snapshot:
@@ -944,7 +982,7 @@ class RemoteDatastores:
             async with host._client.stream("GET", path) as response:
                 if response.status_code >= 400:
                     await response.aread()
-                    raise _answer_error(host, response)
+                    raise host.answer_error(response)
                 yield response
         except httpx.TransportError as exc:
             raise host._transport_error(exc) from exc
@@ -986,7 +1024,7 @@ class RemoteDatastores:
             except httpx.TransportError as exc:
                 raise host._transport_error(exc) from exc
         if response.status_code >= 400:
-            raise _answer_error(host, response)
+            raise host.answer_error(response)
         return FileEntry.model_validate(response.json())
 
     async def download(self, ds: str, path: str, local: Path, *, overwrite: bool = False) -> Path:
@@ -1001,15 +1039,6 @@ class RemoteDatastores:
                 target, response.aiter_bytes(), max_bytes=sys.maxsize, overwrite=overwrite
             )
         return target
-
-
-def _answer_error(host: RemoteHost, response: httpx.Response) -> ThinvisorError:
-    """An error answer as ``RemoteHost.call`` raises it."""
-    error = error_of_response(response)
-    if response.status_code == 401 and host.login.token:
-        message = f"{error}; log in again: thinvisor login {host.login.url}"
-        return RemoteError("unauthorized", message, 401)
-    return error
 
 
 def _datastore_path(name: str, *parts: str) -> str:

@@ -77,7 +77,7 @@ def init(
         users = store()
         if not users.is_empty():  # before the prompt: no password typed for nothing
             raise AlreadyExists(f"users already exist in {users.path}; see 'user add'")
-        _check_new_name(users, user)
+        check_new_user(users, user)
         created = users.add_first_user(user, read_password(password_file))
         return f"created admin user {created.name!r} in {users.path}"
 
@@ -100,14 +100,14 @@ def user_add(
 
     def go() -> str:
         users = store()
-        _check_new_name(users, name)
+        check_new_user(users, name)
         created = users.add_user(name, read_password(password_file), role)
         return f"added user {created.name!r} with role {created.role}"
 
     typer.echo(_guard(go))
 
 
-def _check_new_name(users: UserStore, name: str) -> None:
+def check_new_user(users: UserStore, name: str) -> None:
     """Refuse a bad or taken name before prompting for a password."""
     try:
         check_name(name)

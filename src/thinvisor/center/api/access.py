@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import Annotated, ParamSpec, TypeVar
+from enum import Enum
+from typing import Annotated, Any, ParamSpec, TypeVar
 
 from fastapi import Depends, HTTPException, Request, WebSocket
+from pydantic import BaseModel
 
 from thinvisor.api.auth import authenticated
 from thinvisor.auth import Permission, Role, User, allows
@@ -28,6 +30,7 @@ from thinvisor.errors import InvalidArgument, NotFound
 
 P = ParamSpec("P")
 T = TypeVar("T")
+OutT = TypeVar("OutT", bound=BaseModel)
 
 #: A route's authenticated user, whatever their role: the route checks the object.
 Caller = Annotated[User, Depends(authenticated)]
@@ -107,6 +110,26 @@ def node_of(agent: CenterAgent, user: User, ref: NodeRef, field: str) -> Node:
         return node
     except NotFound as exc:
         raise InvalidArgument(field, str(exc)) from None
+
+
+def parent_of(agent: CenterAgent, user: User, ref: NodeRef, permission: Permission) -> Node:
+    """The parent a request body names (its field ``parent``), if ``user`` holds
+    ``permission`` on it (``node_of``, then ``check``)."""
+    parent = node_of(agent, user, ref, "parent")
+    check(agent, user, parent.id, permission)
+    return parent
+
+
+def row_out(model: type[OutT], row: object, **given: Any) -> OutT:
+    """The API answer ``model`` for an inventory row: the row's attributes of the same
+    names (enums as their values), then the ``given`` fields."""
+    values = {
+        name: getattr(row, name)
+        for name in model.model_fields
+        if name not in given and hasattr(row, name)
+    }
+    plain = {k: v.value if isinstance(v, Enum) else v for k, v in values.items()}
+    return model(**plain, **given)
 
 
 def visible_ids(agent: CenterAgent, user: User) -> set[int] | None:

@@ -19,12 +19,19 @@ from collections.abc import Awaitable, Callable
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from fastapi import APIRouter, HTTPException, WebSocket
-from starlette.websockets import WebSocketDisconnect, WebSocketState
+from starlette.websockets import WebSocketDisconnect
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 from websockets.typing import Subprotocol
 
 from thinvisor.api.auth import authenticate_ws, refuse_ws
+from thinvisor.api.consoles import (
+    CLOSE_ERROR,
+    CLOSE_NORMAL,
+    CLOSE_POLICY,
+    close_websocket,
+    run_both,
+)
 from thinvisor.auth import Permission
 from thinvisor.center.api.access import authorize, center_of
 from thinvisor.cli.remote import pinned_context
@@ -35,10 +42,6 @@ log = logging.getLogger(__name__)
 
 router = APIRouter(tags=["consoles"])
 
-CLOSE_NORMAL = 1000
-CLOSE_POLICY = 1008
-CLOSE_ERROR = 1011
-_REASON_MAX = 123  # bytes: a close frame carries at most 125, two of them the code
 _CONNECT_TIMEOUT_S = 15.0
 _READ_SIZE = 64 * 1024
 _EXPECTED_ENDS = (WebSocketDisconnect, ConnectionClosed, ThinvisorError, OSError)
@@ -70,10 +73,10 @@ async def _broker(websocket: WebSocket, vm_id: int, kind: ConsoleKind, port: str
     try:
         endpoint = await center_of(websocket).service.console(vm_id, kind)
     except NotFound as exc:
-        await _close(websocket, CLOSE_POLICY, str(exc))
+        await close_websocket(websocket, CLOSE_POLICY, str(exc))
         return
     except ThinvisorError as exc:
-        await _close(websocket, CLOSE_ERROR, str(exc))
+        await close_websocket(websocket, CLOSE_ERROR, str(exc))
         return
     scheme = urlsplit(endpoint.url).scheme
     if scheme in ("ws", "wss"):
@@ -82,7 +85,7 @@ async def _broker(websocket: WebSocket, vm_id: int, kind: ConsoleKind, port: str
         await _to_vnc_server(websocket, endpoint)
     else:
         where = f"{scheme}://" if scheme else endpoint.url
-        await _close(websocket, CLOSE_ERROR, f"the center cannot broker {where} consoles")
+        await close_websocket(websocket, CLOSE_ERROR, f"the center cannot broker {where} consoles")
 
 
 async def _admit(websocket: WebSocket, vm_id: int) -> bool:
@@ -121,11 +124,13 @@ async def _to_websocket(
         )
     except InvalidStatus as exc:
         status = exc.response.status_code
-        await _close(websocket, CLOSE_ERROR, f"the host refused the console (HTTP {status})")
+        await close_websocket(
+            websocket, CLOSE_ERROR, f"the host refused the console (HTTP {status})"
+        )
         return
     except (OSError, InvalidHandshake, TimeoutError) as exc:
         reason = "its certificate is not the pinned one" if tls and tls.mismatch else str(exc)
-        await _close(websocket, CLOSE_ERROR, f"cannot reach the host's console: {reason}")
+        await close_websocket(websocket, CLOSE_ERROR, f"cannot reach the host's console: {reason}")
         return
     async with upstream:
         await _pump(websocket, _upstream_receive(upstream), upstream.send)
@@ -133,7 +138,7 @@ async def _to_websocket(
     reason = upstream.close_reason or "the host closed the console"
     if code is None or code in (1005, 1006):
         code = CLOSE_NORMAL
-    await _close(websocket, code, reason)
+    await close_websocket(websocket, code, reason)
 
 
 def _with_port(url: str, port: str) -> str:
@@ -161,7 +166,7 @@ async def _to_vnc_server(websocket: WebSocket, endpoint: ConsoleEndpoint) -> Non
             asyncio.open_connection(parts.hostname, parts.port or 5900), _CONNECT_TIMEOUT_S
         )
     except (OSError, TimeoutError, ValueError) as exc:
-        await _close(websocket, CLOSE_ERROR, f"cannot reach the VNC server: {exc}")
+        await close_websocket(websocket, CLOSE_ERROR, f"cannot reach the VNC server: {exc}")
         return
 
     async def receive() -> Message | None:
@@ -177,7 +182,7 @@ async def _to_vnc_server(websocket: WebSocket, endpoint: ConsoleEndpoint) -> Non
         writer.close()
         with contextlib.suppress(OSError):
             await writer.wait_closed()
-    await _close(websocket, CLOSE_NORMAL, "the VNC server closed")
+    await close_websocket(websocket, CLOSE_NORMAL, "the VNC server closed")
 
 
 async def _pump(websocket: WebSocket, receive: Receive, send: Send) -> None:
@@ -201,30 +206,4 @@ async def _pump(websocket: WebSocket, receive: Receive, send: Send) -> None:
             elif message.get("text") is not None:
                 await send(message["text"])
 
-    tasks = [
-        asyncio.create_task(to_client(), name="console-to-client"),
-        asyncio.create_task(from_client(), name="console-from-client"),
-    ]
-    try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for task in tasks:
-            task.cancel()
-        # wait(), not gather(): our own cancellation must propagate unchanged.
-        await asyncio.wait(tasks)
-    for task in tasks:
-        error = None if task.cancelled() else task.exception()
-        if error is not None and not isinstance(error, _EXPECTED_ENDS):
-            log.error("console broker failed", exc_info=error)
-
-
-async def _close(websocket: WebSocket, code: int, reason: str) -> None:
-    """Close the client's socket unless either side already has."""
-    if (
-        websocket.client_state != WebSocketState.CONNECTED
-        or websocket.application_state != WebSocketState.CONNECTED
-    ):
-        return
-    reason = reason.encode()[:_REASON_MAX].decode(errors="ignore")
-    with contextlib.suppress(WebSocketDisconnect, RuntimeError, OSError):
-        await websocket.close(code=code, reason=reason)
+    await run_both(to_client(), from_client(), expected=_EXPECTED_ENDS, what="console broker")

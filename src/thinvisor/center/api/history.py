@@ -20,7 +20,6 @@ hold fewer than ``limit`` events while more follow.
 
 from __future__ import annotations
 
-import asyncio
 from collections import defaultdict
 from typing import Annotated, Any
 
@@ -28,7 +27,7 @@ from fastapi import APIRouter, Query, Request, WebSocket, WebSocketDisconnect
 
 from thinvisor.api.auth import authenticate_ws
 from thinvisor.api.errors import ERROR_RESPONSES
-from thinvisor.api.events import EventOut, event_out
+from thinvisor.api.events import EventOut, event_out, serve_stream
 from thinvisor.api.tasks import TaskOut, task_out
 from thinvisor.auth import User
 from thinvisor.center.agent import CenterAgent
@@ -178,17 +177,7 @@ async def stream_events(websocket: WebSocket, since: int | None = None) -> None:
     if user is None:
         return
     await websocket.accept()
-    sender = asyncio.create_task(_send_events(websocket, user, since), name="events-to-client")
-    watcher = asyncio.create_task(_until_disconnect(websocket), name="events-client")
-    try:
-        await asyncio.wait([sender, watcher], return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for task in (sender, watcher):
-            task.cancel()
-        await asyncio.wait([sender, watcher])
-    close = None if sender.cancelled() else sender.result()
-    if close is not None and not watcher.done():
-        await websocket.close(code=close[0], reason=close[1])
+    await serve_stream(websocket, _send_events(websocket, user, since))
 
 
 async def _send_events(
@@ -217,9 +206,3 @@ async def _send_events(
     except SubscriptionDropped as exc:
         return 1013, str(exc)
     return 1001, "the center is stopping"
-
-
-async def _until_disconnect(websocket: WebSocket) -> None:
-    """Wait for the client to go; what it sends is ignored."""
-    while (await websocket.receive())["type"] != "websocket.disconnect":
-        pass

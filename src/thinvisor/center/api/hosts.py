@@ -21,7 +21,8 @@ from thinvisor.center.api.access import (
     center_of,
     check,
     in_thread,
-    node_of,
+    parent_of,
+    row_out,
     visible_ids,
 )
 from thinvisor.center.inventory import HostRow
@@ -65,24 +66,7 @@ class HostOut(BaseModel):
 
 
 def host_out(row: HostRow) -> HostOut:
-    return HostOut(
-        id=row.id,
-        name=row.name,
-        path=row.path,
-        parent_id=row.parent_id,
-        provider=row.provider,
-        address=row.address,
-        username=row.username,
-        fingerprint=row.fingerprint,
-        state=str(row.state),
-        error=row.error,
-        last_seen=row.last_seen,
-        vendor=row.vendor,
-        version=row.version,
-        cpus=row.cpus,
-        memory_mib=row.memory_mib,
-        maintenance=row.maintenance,
-    )
+    return row_out(HostOut, row)
 
 
 @router.get("", response_model=list[HostOut])
@@ -103,9 +87,7 @@ async def add_host(body: HostIn, request: Request, user: Caller) -> HostOut:
     agent = center_of(request)
 
     def parent_id() -> int:
-        parent = node_of(agent, user, body.parent, "parent")
-        check(agent, user, parent.id, Permission.ADMIN)
-        return parent.id
+        return parent_of(agent, user, body.parent, Permission.ADMIN).id
 
     row = await agent.service.add_host(
         parent_id=await in_thread(parent_id),

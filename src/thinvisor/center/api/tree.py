@@ -8,6 +8,7 @@ rename or delete it, and on both the object and its new parent to move it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response
@@ -22,7 +23,8 @@ from thinvisor.center.api.access import (
     center_of,
     check,
     in_thread,
-    node_of,
+    parent_of,
+    row_out,
     shown_ids,
     visible_ids,
 )
@@ -73,9 +75,7 @@ class NodeChange(StrictModel):
 
 
 def node_out(node: Node) -> NodeOut:
-    return NodeOut(
-        id=node.id, kind=str(node.kind), name=node.name, parent_id=node.parent_id, path=node.path
-    )
+    return row_out(NodeOut, node)
 
 
 def _detail(agent: CenterAgent, node: Node) -> NodeDetail:
@@ -129,24 +129,25 @@ async def create_datacenter(body: DatacenterIn, request: Request, user: Caller) 
 async def create_folder(body: ContainerIn, request: Request, user: Caller) -> NodeOut:
     """A new folder in a datacenter or a folder."""
     agent = center_of(request)
-
-    def write() -> Node:
-        parent = node_of(agent, user, body.parent, "parent")
-        check(agent, user, parent.id, Permission.CONFIGURE)
-        return agent.inventory.create_folder(parent.id, body.name)
-
-    return _created(agent, await in_thread(write), user)
+    return await _create_in(agent, body, user, agent.inventory.create_folder)
 
 
 @router.post("/clusters", status_code=201, response_model=NodeOut)
 async def create_cluster(body: ContainerIn, request: Request, user: Caller) -> NodeOut:
     """A new cluster in a datacenter or a folder."""
     agent = center_of(request)
+    return await _create_in(agent, body, user, agent.inventory.create_cluster)
+
+
+async def _create_in(
+    agent: CenterAgent, body: ContainerIn, user: User, create: Callable[[int, str], Node]
+) -> NodeOut:
+    """``create`` the object ``body`` names in its parent, where ``user`` must hold the
+    configure permission."""
 
     def write() -> Node:
-        parent = node_of(agent, user, body.parent, "parent")
-        check(agent, user, parent.id, Permission.CONFIGURE)
-        return agent.inventory.create_cluster(parent.id, body.name)
+        parent = parent_of(agent, user, body.parent, Permission.CONFIGURE)
+        return create(parent.id, body.name)
 
     return _created(agent, await in_thread(write), user)
 
@@ -211,9 +212,9 @@ async def change_node(node_id: int, body: NodeChange, request: Request, user: Ca
     def write() -> tuple[Node, Node]:
         check(agent, user, node_id, Permission.CONFIGURE)
         before = agent.inventory.get(node_id)
-        parent = None if body.parent is None else node_of(agent, user, body.parent, "parent")
-        if parent is not None:
-            check(agent, user, parent.id, Permission.CONFIGURE)
+        parent: Node | None = None
+        if body.parent is not None:
+            parent = parent_of(agent, user, body.parent, Permission.CONFIGURE)
         return before, _move_and_rename(agent, before, parent, body.name)
 
     before, node = await in_thread(write)

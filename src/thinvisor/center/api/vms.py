@@ -26,6 +26,7 @@ from thinvisor.center.api.access import (
     check,
     in_thread,
     node_of,
+    row_out,
     visible_ids,
 )
 from thinvisor.center.inventory import Node, VmRow
@@ -94,23 +95,7 @@ class SnapshotOut(BaseModel):
 
 
 def vm_out(vm: VmRow) -> VmOut:
-    last = None if vm.last_power_state is None else str(vm.last_power_state)
-    return VmOut(
-        id=vm.id,
-        name=vm.name,
-        path=vm.path,
-        host_id=vm.host_id,
-        host=vm.host_name,
-        ext_id=vm.ext_id,
-        power_state=str(vm.power_state),
-        last_power_state=last,
-        cpus=vm.cpus,
-        memory_mib=vm.memory_mib,
-        template=vm.template,
-        uuid=vm.uuid,
-        datastores=list(vm.datastores),
-        networks=list(vm.networks),
-    )
+    return row_out(VmOut, vm, host=vm.host_name)
 
 
 @router.get("", response_model=list[VmOut])
