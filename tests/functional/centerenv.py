@@ -126,12 +126,20 @@ class LabCenter:
             "XDG_CONFIG_HOME": str(self.xdg / user),
         }
 
-    def cli(self, *args: str, code: int = 0, user: str = "admin", timeout: float = 240) -> str:
+    def cli(
+        self,
+        *args: str,
+        code: int = 0,
+        user: str = "admin",
+        input: str | None = None,
+        timeout: float = 240,
+    ) -> str:
         """``thinvisor center ARGS`` run in the lab's namespace as ``user`` (once logged
         in); its stdout, or its stderr when it was to fail with ``code``."""
         proc = subprocess.run(
             ["ip", "netns", "exec", self.node.ns.name, THINVISOR, "center", *args],
-            env=self.env(user), capture_output=True, text=True, timeout=timeout, check=False,
+            env=self.env(user), input=input, capture_output=True, text=True, timeout=timeout,
+            check=False,
         )  # fmt: skip
         assert proc.returncode == code, (
             f"thinvisor center {' '.join(args)} exited {proc.returncode}: {proc.stderr.strip()}"

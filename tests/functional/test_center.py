@@ -156,6 +156,9 @@ def test_power_on_through_the_center_reaches_the_ready_line(
     before = _ready_lines(agent, "app1")
     center.cli("vm", "start", "/dc/f1/host1/app1")
     agent.host.wait_ready("app1", count=before + 1)
+    # The guest's serial console, brokered by the center from the host's.
+    answer = center.cli("vm", "console", "/dc/f1/host1/app1", input="echo center-$((6*7))\n")
+    assert "center-42" in answer
     center.cli("vm", "start", f"/dc/libvirt/{LIBVIRT_VM}")
     lab_hosts.libvirt.wait_ready(LIBVIRT_VM)
     vms = _vms(center)
