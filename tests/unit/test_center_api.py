@@ -404,7 +404,7 @@ def test_an_action_a_provider_cannot_do_is_named(
         refused = await c.call("POST", f"/vms/{web}/power/pause", status=409)
         assert refused["message"] == (
             f"{host.address} (pauseless): cannot pause VMs "
-            "(the pauseless provider does not support pause)"
+            "(the pauseless provider has no suspend capability)"
         )
         assert host.vm_named("web").power_state is PowerState.RUNNING
 

@@ -236,10 +236,11 @@ class Provider(ABC):
         """Raise ``Unsupported`` unless this provider has ``capability``; ``action`` (a
         power action, say) is what the message says cannot be done, where it is given."""
         if capability not in self.capabilities:
-            what, which = (f"{action} VMs", action) if action else (capability.value, "it")
+            # The message names the capability too: it is what the support matrix lists.
+            what = f"{action} VMs" if action else capability.value
             raise Unsupported(
                 f"{self.connection.address} ({self.kind}): cannot {what}"
-                f" (the {self.kind} provider does not support {which})"
+                f" (the {self.kind} provider has no {capability.value} capability)"
             )
 
     @abstractmethod
