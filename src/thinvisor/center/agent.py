@@ -48,8 +48,7 @@ class CenterAgent:
 
     async def start(self) -> None:
         """Follow every registered host."""
-        await self.service.start()
-        hosts = len(self.inventory.hosts())
+        hosts = await self.service.start()
         self.events.emit("center.started", f"center started; following {hosts} hosts")
 
     async def stop(self) -> None:

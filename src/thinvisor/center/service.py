@@ -68,10 +68,12 @@ class CenterService:
 
     # --- hosts ---------------------------------------------------------------------
 
-    async def start(self) -> None:
-        """Follow every registered host."""
-        for host in await asyncio.to_thread(self.inventory.hosts):
+    async def start(self) -> int:
+        """Follow every registered host; how many there are."""
+        hosts = await asyncio.to_thread(self.inventory.hosts)
+        for host in hosts:
             self._follow(host)
+        return len(hosts)
 
     async def close(self) -> None:
         await self.syncs.close()

@@ -126,7 +126,8 @@ class HostSync:
         await asyncio.to_thread(self._store.apply_snapshot, self.host_id, snap)
 
     async def _session(self) -> None:
-        provider = self._open()
+        # Opening reads (and decrypts) the host's password from the database: a thread.
+        provider = await asyncio.to_thread(self._open)
         try:
             await within(self._config.ping_timeout_s * 2, provider.connect())
             snap = await within(SNAPSHOT_TIMEOUT_S, provider.snapshot())
