@@ -59,13 +59,14 @@ def test_live_storage_migration_while_the_guest_writes(host: TestHost) -> None:
     host.run(service.start("vm1"))
     host.wait_ready("vm1")
     # The guest numbers the sectors of its first MiB, one write at a time, until told to
-    # stop; /tmp/count says how many it wrote.
+    # stop; /tmp/count says how many it wrote (replaced by a rename, so that a reader never
+    # sees it empty between truncation and write).
     sh(
         host,
         "vm1",
         "(i=0; while [ ! -e /tmp/stop ] && [ $i -lt 2048 ]; do "
         'echo "BLOCK-$i" | dd of=/dev/vda bs=512 seek=$i conv=fsync 2>/dev/null; '
-        "i=$((i+1)); echo $i > /tmp/count; done) >/dev/null 2>&1 & true",
+        "i=$((i+1)); echo $i > /tmp/count.new; mv /tmp/count.new /tmp/count; done) >/dev/null 2>&1 & true",
     )
     while int(sh(host, "vm1", "cat /tmp/count 2>/dev/null || echo 0").strip()) < 5:
         time.sleep(0.2)
