@@ -147,6 +147,16 @@ class StatsConfig(StrictModel):
     interval_s: float = Field(default=20.0, gt=0, le=300)
 
 
+class MigrationConfig(StrictModel):
+    """Live migration's own listener (``thinvisor.host.migration``): TLS with the agent's
+    certificate, one-time tokens that the center hands out."""
+
+    # None: the API's listen address.
+    listen: str | None = None
+    # vMotion's port; 0: any free one (each incoming migration says which).
+    port: int = Field(default=8000, ge=0, le=65535)
+
+
 class ReservationConfig(StrictModel):
     """What the host keeps for itself: VMs' reservations share the rest (admission control)."""
 
@@ -175,6 +185,7 @@ class HostConfig(StrictModel):
     reservations: ReservationConfig = Field(default_factory=ReservationConfig)
     stats: StatsConfig = Field(default_factory=StatsConfig)
     isolation: IsolationConfig = Field(default_factory=IsolationConfig)
+    migration: MigrationConfig = Field(default_factory=MigrationConfig)
 
     @field_validator("datastores")
     @classmethod

@@ -45,6 +45,8 @@ class TestAgent:
             f"[cim]\nport = {self.cim_port}\n"
             # KSM is the host's, not one test's: the tests that need it turn it on.
             "[memory]\nksm = false\n"
+            # Many agents on one machine: each its own free migration port.
+            "[migration]\nport = 0\n"
         )
         self.cim_url = f"https://127.0.0.1:{self.cim_port}"
         self.base = f"https://127.0.0.1:{self.port}/api/v1"

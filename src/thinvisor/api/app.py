@@ -20,6 +20,7 @@ from thinvisor.api import (
     errors,
     events,
     host,
+    migrations,
     networks,
     resources,
     snapshots,
@@ -88,6 +89,7 @@ def create_app(agent: HostAgent, *, start_agent: bool = True) -> FastAPI:
         storage,
         consoles,
         stats,
+        migrations,
     )
     app = agent_app(agent, "thinvisor host API", routers, start_agent=start_agent)
     # Where Prometheus looks by default, outside the versioned API.

@@ -15,7 +15,9 @@ import uvicorn
 
 from thinvisor.api.app import create_app
 from thinvisor.config import HostConfig
+from thinvisor.errors import InvalidConfig
 from thinvisor.host.agent import HostAgent
+from thinvisor.host.migration import MigrationService
 from thinvisor.network import namespace
 from thinvisor.tls import ensure_certificate
 
@@ -69,12 +71,37 @@ def serve(config: HostConfig, *, listen: str | None = None, port: int | None = N
     servers = [_server(create_app(agent), host, port or config.api.port, tls, lifespan="on")]
     log.info("thinvisor host agent on %s://%s:%d/api/v1", scheme, host, port or config.api.port)
     servers += _cim_servers(config, agent, host, tls)
+    migration_sock = _migration_port(config, agent, host)
     # Bind first, then move into the VMs' network namespace: the sockets stay reachable
     # where the agent was started, everything made later (bridges, TAPs, QEMU, dnsmasq)
     # lives in the namespace.
     bound = [(server, _listening(server)) for server in servers]
+    migration_sock.listen(16)
     namespace.enter(config.network.namespace)
     asyncio.run(_serve_all(bound))
+
+
+def _migration_port(config: HostConfig, agent: HostAgent, api_host: str) -> socket.socket:
+    """Bind live migration's port (TLS with the agent's certificate, whether or not the
+    API uses TLS: a VM's memory never crosses the network in plain text)."""
+    cert, key, fingerprint = prepare_tls(config)
+    host = config.migration.listen or api_host
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, config.migration.port))
+    except OSError as exc:
+        sock.close()
+        raise InvalidConfig(
+            f"migration.port: cannot listen on {host}:{config.migration.port}: {exc}"
+        ) from exc
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    port = sock.getsockname()[1]
+    agent.migration = MigrationService(agent.service, port, fingerprint)
+    agent.migration_listener = (sock, cert, key)
+    log.info("live migration on %s:%d (TLS)", host, port)
+    return sock
 
 
 def _listening(server: uvicorn.Server) -> socket.socket:

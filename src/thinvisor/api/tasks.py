@@ -17,6 +17,8 @@ from thinvisor.host.tasks import Progress, Task, TaskManager
 router = APIRouter(prefix="/tasks", tags=["tasks"], responses=ERROR_RESPONSES)
 
 Reader = Annotated[User, Depends(require(Permission.READ))]
+# Cancelling is allowed to whoever may start the tasks that can be cancelled (migrations).
+Operator = Annotated[User, Depends(require(Permission.CONFIGURE))]
 
 
 class TaskError(BaseModel):
@@ -34,6 +36,7 @@ class TaskOut(BaseModel):
     message: str | None
     result: Any = None
     error: TaskError | None = None
+    cancellable: bool = False
     created: str | None
     started: str | None
     finished: str | None
@@ -50,10 +53,17 @@ def tasks_of(request: Request) -> TaskManager:
 
 
 def accepted(
-    request: Request, kind: str, obj: str, user: User, work: Callable[[Progress], Awaitable[Any]]
+    request: Request,
+    kind: str,
+    obj: str,
+    user: User,
+    work: Callable[[Progress], Awaitable[Any]],
+    *,
+    cancellable: bool = False,
 ) -> JSONResponse:
     """Start ``work`` as a task and answer 202 with it."""
-    return accepted_task(tasks_of(request).submit(kind, obj, user.name, work))
+    task = tasks_of(request).submit(kind, obj, user.name, work, cancellable=cancellable)
+    return accepted_task(task)
 
 
 def accepted_task(task: Task) -> JSONResponse:
@@ -79,3 +89,10 @@ async def list_tasks(
 @router.get("/{task_id}", response_model=TaskOut)
 async def get_task(task_id: str, request: Request, user: Reader) -> TaskOut:
     return task_out(tasks_of(request).get(task_id))
+
+
+@router.post("/{task_id}/cancel", response_model=TaskOut, status_code=202)
+async def cancel_task(task_id: str, request: Request, user: Operator) -> TaskOut:
+    """Cancel a running task that can be (``cancellable``): its work undoes what it did
+    and the task ends as ``cancelled``; follow it with ``GET /tasks/{id}``."""
+    return task_out(tasks_of(request).cancel(task_id))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 from pathlib import Path
 
 from thinvisor.auth import User, UserStore
@@ -20,6 +21,7 @@ from thinvisor.errors import ThinvisorError
 from thinvisor.host import memory, ovf_io, snapshots
 from thinvisor.host.engine import process
 from thinvisor.host.events import EventLog
+from thinvisor.host.migration import MigrationService
 from thinvisor.host.service import HostService
 from thinvisor.host.stats import StatsSampler
 from thinvisor.host.tasks import TaskManager
@@ -47,6 +49,9 @@ class HostAgent:
         self._running: dict[str, bool] = {}
         self._ksm_before: memory.KsmSettings | None = None
         self.tls_fingerprint: str | None = None  # set by the server once TLS is set up
+        # Live migration: the server binds the migration port and sets these.
+        self.migration: MigrationService | None = None
+        self.migration_listener: tuple[socket.socket, Path, Path] | None = None
 
     @property
     def users(self) -> UserStore:
@@ -92,6 +97,8 @@ class HostAgent:
                 "vm.snapshot_repair_failed", "snapshot repair failed", object=f"vm/{name}"
             )
         await self._take_memory_and_cgroups()
+        if self.migration is not None and self.migration_listener is not None:
+            await self.migration.start(*self.migration_listener)
         self._background.append(asyncio.create_task(self._watch(), name="vm-watcher"))
         self._background.append(asyncio.create_task(self._rebalance(), name="balloons"))
         self._background.append(asyncio.create_task(self.stats.run(), name="stats-sampler"))
@@ -106,6 +113,8 @@ class HostAgent:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._background.clear()
+        if self.migration is not None:
+            await self.migration.close()
         await self.stats.close()
         if self._ksm_before is not None:
             await asyncio.to_thread(memory.restore_ksm, self._ksm_before)

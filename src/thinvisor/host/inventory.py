@@ -15,6 +15,7 @@ import shutil
 import threading
 import time
 import tomllib
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -25,8 +26,8 @@ import tomli_w
 
 from thinvisor.config import DatastoreConfig, HostConfig
 from thinvisor.errors import Busy, InvalidArgument, InvalidConfig, NotFound
-from thinvisor.fs import atomic_write
-from thinvisor.host.engine.paths import CONFIG_NAME, VmPaths
+from thinvisor.fs import atomic_write, fsync_dir
+from thinvisor.host.engine.paths import CONFIG_NAME, OWNER_NAME, VmPaths
 from thinvisor.model.vm import VmSpec, parse_spec
 
 # A VM directory being built or torn down is hidden under one of these names; a crash
@@ -109,10 +110,65 @@ def save_spec(paths: VmPaths, spec: VmSpec) -> None:
     atomic_write(paths.config, dump_spec(spec))
 
 
+HOST_ID_NAME = "host-id"
+
+
+def host_id(state_dir: Path) -> str:
+    """This host's id (made once, kept in the state directory): what a VM's ``owner``
+    file names on a datastore that several hosts share."""
+    path = state_dir / HOST_ID_NAME
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        pass
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    # Written aside, then linked into place: of two processes making it at once, one wins
+    # and both read the winner's.
+    draft = state_dir / f".{HOST_ID_NAME}.{uuid.uuid4().hex}"
+    atomic_write(draft, uuid.uuid4().hex + "\n")
+    try:
+        os.link(draft, path)
+    except FileExistsError:
+        pass
+    finally:
+        draft.unlink()
+    fsync_dir(state_dir)
+    return path.read_text().strip()
+
+
+def owner_of(vm_dir: Path) -> str | None:
+    """The id of the host a VM directory belongs to; None for one without an owner
+    file (made before hosts shared datastores: it belongs to whoever sees it)."""
+    try:
+        return (vm_dir / OWNER_NAME).read_text().strip() or None
+    except FileNotFoundError:
+        return None
+    except OSError:  # unreadable: not ours to run
+        return ""
+
+
+def set_owner(vm_dir: Path, owner: str) -> None:
+    """Give the VM directory to the host ``owner`` (atomically: the one step that moves a
+    VM between hosts that share its datastore)."""
+    atomic_write(vm_dir / OWNER_NAME, owner + "\n")
+
+
 class Inventory:
     def __init__(self, config: HostConfig):
         self.config = config
         self._toml = _TomlCache()
+        self._host_id: str | None = None
+
+    @property
+    def host_id(self) -> str:
+        if self._host_id is None:
+            self._host_id = host_id(self.config.state_dir)
+        return self._host_id
+
+    def owns(self, vm_dir: Path) -> bool:
+        """Whether the VM directory is this host's (another host's on a shared datastore)."""
+        owner = owner_of(vm_dir)
+        return owner is None or owner == self.host_id
 
     def paths(self, datastore: DatastoreConfig, name: str) -> VmPaths:
         return VmPaths(datastore.path / name, self.config.run_dir / "vms" / name)
@@ -144,8 +200,11 @@ class Inventory:
                 names = sorted(p.name for p in ds.path.iterdir() if not p.name.startswith("."))
             except OSError:  # missing, or a share that does not answer: its VMs are not seen
                 continue
-            found += [(ds, n) for n in names if (ds.path / n / CONFIG_NAME).is_file()]
+            found += [(ds, n) for n in names if self._is_vm(ds.path / n)]
         return found
+
+    def _is_vm(self, vm_dir: Path) -> bool:
+        return (vm_dir / CONFIG_NAME).is_file() and self.owns(vm_dir)
 
     def sweep(self) -> list[Path]:
         """Remove half-created and half-deleted VM directories; call it holding the
@@ -163,7 +222,7 @@ class Inventory:
 
     def find(self, name: str) -> VmEntry | None:
         for ds in self.config.all_datastores():
-            if (ds.path / name / CONFIG_NAME).is_file():
+            if self._is_vm(ds.path / name):
                 return self._entry(ds, name)
         return None
 

@@ -42,7 +42,14 @@ from thinvisor.host.engine.argv import build_argv, disk_device_path, disk_nodes,
 from thinvisor.host.engine.paths import SUSPEND_STATE_NAME, VmPaths
 from thinvisor.host.engine.qmp import Monitor
 from thinvisor.host.events import EventLog
-from thinvisor.host.inventory import CREATING, DELETING, Inventory, VmEntry, save_spec
+from thinvisor.host.inventory import (
+    CREATING,
+    DELETING,
+    Inventory,
+    VmEntry,
+    save_spec,
+    set_owner,
+)
 from thinvisor.host.isolation import Isolation
 from thinvisor.host.networking import NetworkService, close_fds
 from thinvisor.host.resources import ResourceControls
@@ -232,6 +239,11 @@ class HostService:
             if self.inventory.find(spec.name) is not None:
                 raise AlreadyExists(f"vm {spec.name!r} already exists")
             final = self.inventory.paths(datastore, spec.name)
+            if final.vm_dir.exists():  # another host's VM, on a datastore both share
+                raise AlreadyExists(
+                    f"vm {spec.name!r}: datastore {datastore.name} already holds a directory"
+                    " of that name"
+                )
             datastore.path.mkdir(parents=True, exist_ok=True)
             # Build the directory under a hidden name, then rename: a crash leaves
             # nothing that looks like a VM.
@@ -245,6 +257,7 @@ class HostService:
                 spec = spec.with_pci_slots()
                 self._check_paths(spec, building)
                 save_spec(building, spec)
+                set_owner(staging, self.inventory.host_id)
                 fsync_dir(staging)
                 staging.rename(final.vm_dir)
                 fsync_dir(datastore.path)
@@ -557,7 +570,9 @@ class HostService:
             )
         return await self.get_vm(name)
 
-    async def _launch(self, entry: VmEntry, spec: VmSpec, *, incoming: bool) -> None:
+    async def _launch(
+        self, entry: VmEntry, spec: VmSpec, *, incoming: bool, paused: bool = False
+    ) -> None:
         self._admit(spec)
         accel = self.accel()
         log.info("vm %s: starting QEMU with %s (%s)", spec.name, accel.name, accel.reason)
@@ -577,6 +592,7 @@ class HostService:
                 accel,
                 qemu_binary=self.config.qemu_binary,
                 incoming=incoming,
+                paused=paused,
                 tsc_khz=hostinfo.tsc_khz(),
                 tap_fds=taps,
             )

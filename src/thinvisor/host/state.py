@@ -44,6 +44,7 @@ class Action(StrEnum):
     MOVE_DISK = "move a disk"
     CONVERT_DISK = "change a disk's provisioning"
     MARK_TEMPLATE = "mark as a template"
+    MIGRATE = "live-migrate"
 
 
 _S = PowerState
@@ -81,6 +82,8 @@ ALLOWED: dict[Action, frozenset[PowerState]] = {
     Action.MOVE_DISK: frozenset({_S.STOPPED, _S.RUNNING, _S.PAUSED}),
     Action.CONVERT_DISK: frozenset({_S.STOPPED}),
     Action.MARK_TEMPLATE: frozenset({_S.STOPPED}),
+    # Live migration moves a running guest (a paused one would be resumed by the move).
+    Action.MIGRATE: frozenset({_S.RUNNING}),
 }
 
 # What a template allows: it is never powered on and its disks never change, since

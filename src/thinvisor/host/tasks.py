@@ -25,7 +25,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from thinvisor.errors import Busy, NotFound, ThinvisorError
+from thinvisor.errors import Busy, NotFound, ThinvisorError, Unsupported
 from thinvisor.host.events import EventLog, iso_time
 
 logger = logging.getLogger(__name__)
@@ -52,6 +52,7 @@ class Task:
     message: str | None = None
     result: Any = None
     error: dict[str, str] | None = None
+    cancellable: bool = False
     created: str | None = None
     started: str | None = None
     finished: str | None = None
@@ -124,11 +125,23 @@ class TaskManager:
         self._running: dict[str, asyncio.Task[None]] = {}
         self._closed = False
 
-    def submit(self, kind: str, object: str | None, user: str | None, work: Work) -> Task:
-        """Start ``work`` in the background; return its task, still queued."""
+    def submit(
+        self,
+        kind: str,
+        object: str | None,
+        user: str | None,
+        work: Work,
+        *,
+        cancellable: bool = False,
+    ) -> Task:
+        """Start ``work`` in the background; return its task, still queued.
+
+        A ``cancellable`` task's work must undo what it did when cancelled (a migration
+        leaves the VM running where it was); other tasks cannot be cancelled, because
+        stopping them half-way would leave what they did half done."""
         if self._closed:
             raise Busy("the agent is shutting down")
-        task = Task(str(uuid.uuid4()), kind, object, user, created=_now())
+        task = Task(str(uuid.uuid4()), kind, object, user, cancellable=cancellable, created=_now())
         self._tasks[task.id] = task
         self._done[task.id] = asyncio.Event()
         self._running[task.id] = asyncio.create_task(self._run(task, work), name=f"task {task.id}")
@@ -200,6 +213,18 @@ class TaskManager:
             if object is None or task.object == object:
                 found.append(task)
         return found
+
+    def cancel(self, id: str) -> Task:
+        """Ask a cancellable task's work to stop; it finishes as ``cancelled`` once it has
+        undone what it did (``wait`` for that)."""
+        task = self.get(id)
+        if not task.cancellable:
+            raise Unsupported(f"task {id} ({task.kind}) cannot be cancelled")
+        running = self._running.get(id)
+        if task.done or running is None:
+            raise Busy(f"task {id} has already finished ({task.state})")
+        running.cancel()
+        return task
 
     async def wait(self, id: str, timeout: float | None = None) -> Task:
         """The task once finished, or as it stands when ``timeout`` seconds pass."""

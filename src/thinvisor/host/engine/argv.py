@@ -119,7 +119,9 @@ def _machine(spec: VmSpec, accel: AccelChoice) -> list[str]:
     return argv
 
 
-def _base(spec: VmSpec, paths: VmPaths, accel: AccelChoice, incoming: bool) -> list[str]:
+def _base(
+    spec: VmSpec, paths: VmPaths, accel: AccelChoice, incoming: bool, paused: bool = False
+) -> list[str]:
     argv = [
         *("-name", f"{spec.name},debug-threads=on", "-uuid", spec.uuid),
         *("-nodefaults", "-no-user-config"),
@@ -131,6 +133,8 @@ def _base(spec: VmSpec, paths: VmPaths, accel: AccelChoice, incoming: bool) -> l
     ]
     if incoming:
         argv += ["-incoming", "defer"]
+    if paused:  # the vCPUs wait for ``cont`` (a live migration's destination, until it commits)
+        argv += ["-S"]
     return argv
 
 
@@ -359,6 +363,7 @@ def build_argv(
     *,
     qemu_binary: str = "qemu-system-x86_64",
     incoming: bool = False,
+    paused: bool = False,
     tsc_khz: int | None = None,
     tap_fds: Mapping[str, int] | None = None,
 ) -> list[str]:
@@ -366,7 +371,7 @@ def build_argv(
     cannot build (too many IDE or PCI devices, an unknown network)."""
     spec = spec.with_pci_slots()
     boot = _boot_indexes(spec)
-    argv = [qemu_binary, *_base(spec, paths, accel, incoming)]
+    argv = [qemu_binary, *_base(spec, paths, accel, incoming, paused)]
     if isinstance(spec.boot, KernelBoot):
         argv += _kernel_boot(spec, spec.boot, paths, tsc_khz)
     argv += _graphics(spec, paths)  # first, so VGA gets the first free slot (00:01.0 / 00:02.0)

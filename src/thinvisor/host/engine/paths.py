@@ -12,6 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 CONFIG_NAME = "vm.toml"
+# The id of the host a VM belongs to, in its directory: on a datastore that several hosts
+# share, each lists only its own VMs (a VM moves by this file being replaced).
+OWNER_NAME = "owner"
 SUSPEND_STATE_NAME = "suspend.state"
 
 
@@ -23,6 +26,10 @@ class VmPaths:
     @property
     def config(self) -> Path:
         return self.vm_dir / CONFIG_NAME
+
+    @property
+    def owner(self) -> Path:
+        return self.vm_dir / OWNER_NAME
 
     @property
     def logs_dir(self) -> Path:
