@@ -55,7 +55,7 @@ log = logging.getLogger(__name__)
 TICKET_TTL_S = 120.0
 #: How long ``finish`` waits for QEMU to have loaded the last of the state.
 LOAD_TIMEOUT_S = 60.0
-MAX_FILE_BYTES = 1 << 30
+MAX_FILE_BYTES = 1 << 44  # a disk's image, for a stopped VM's move
 RECORDS = "migrations"
 NBD_SOCKET = "nbd.sock"
 DISK_FORMATS = ("qcow2", "raw")
@@ -72,6 +72,10 @@ class IncomingRequest(StrictModel):
     )
     datastore: str | None = Field(
         default=None, description="mirror: where the disks go (default: the default datastore)"
+    )
+    live: bool = Field(
+        default=True,
+        description="a running VM (live migration); false: a stopped VM, its files moved",
     )
 
 
@@ -104,6 +108,7 @@ class Incoming:
     paths: VmPaths
     datastore: str
     record: Path
+    live: bool = True
     state: str = "prepared"  # prepared, started, committed, aborted
     monitor: Monitor | None = None
     made_dir: bool = False
@@ -153,10 +158,11 @@ class IncomingMigrations:
                     " of that name"
                 )
             _check_mirrorable(spec)
-        service._check_resources(spec)
+        if req.live:  # it will run here at once: it must fit now
+            service._check_resources(spec)
+            service._admit(spec)
         service._with_macs(spec)
         service.network.check_networks(spec)
-        service._admit(spec)
         incoming = Incoming(
             id=secrets.token_hex(8),
             token=secrets.token_urlsafe(32),
@@ -165,6 +171,7 @@ class IncomingMigrations:
             paths=paths,
             datastore=datastore.name,
             record=self.records / "pending.json",
+            live=req.live,
         )
         incoming.record = self.records / f"{incoming.id}.json"
         self._save_record(incoming)
@@ -269,6 +276,9 @@ class IncomingMigrations:
         if op == "finish" and incoming.state == "started":
             await self._finish(incoming)
             return {"ok": True, "resumed_at": time.time()}
+        if op == "commit" and incoming.state == "prepared" and not incoming.live:
+            await self._commit_cold(incoming)
+            return {"ok": True}
         raise InvalidArgument("op", f"{op!r} is not expected now ({incoming.state})")
 
     async def _receive_file(
@@ -397,6 +407,23 @@ class IncomingMigrations:
         self.service.emit(
             "vm.migrated", incoming.spec.name, "arrived by live migration", mode=incoming.mode
         )
+
+    async def _commit_cold(self, incoming: Incoming) -> None:
+        """A stopped VM's move: its files are here (mirror) or seen here (shared)."""
+        paths = incoming.paths
+        if incoming.mode == "mirror":
+            if not incoming.made_dir:
+                raise InvalidArgument("op", "no files arrived")
+            disks = [
+                d.model_copy(update={"path": f"{d.name}.{d.format}"}) for d in incoming.spec.disks
+            ]
+            incoming.spec = incoming.spec.model_copy(update={"disks": disks})
+            self.service._check_paths(incoming.spec, paths)
+            save_spec(paths, incoming.spec)
+        set_owner(paths.vm_dir, self.service.inventory.host_id)
+        fsync_dir(paths.vm_dir)
+        incoming.state = "committed"
+        self.service.emit("vm.migrated", incoming.spec.name, "arrived (cold migration)")
 
     # --- abort ---------------------------------------------------------------------
 

@@ -51,10 +51,10 @@ from thinvisor.host.engine.qmp import Monitor
 from thinvisor.host.engine.tunnel import Counter, Stream, TunnelError
 from thinvisor.host.incoming import IncomingMigrations, IncomingRequest, Ticket
 from thinvisor.host.inventory import DELETING, VmEntry, owner_of
-from thinvisor.host.state import Action, check_allowed, check_template
+from thinvisor.host.state import Action, PowerState, check_allowed, check_template
 from thinvisor.host.tasks import Progress
 from thinvisor.model.base import StrictModel
-from thinvisor.model.vm import KernelBoot, VmSpec
+from thinvisor.model.vm import DiskSpec, KernelBoot, VmSpec
 from thinvisor.storage.snapshots import load_tree
 
 if TYPE_CHECKING:
@@ -144,11 +144,13 @@ class MigrationService:
             check_template(name, spec.template, Action.MIGRATE)
             state, _, _ = await self.service.state_of(entry)
             check_allowed(name, state, Action.MIGRATE)
+            move = _Move(self.service, entry, spec, req, progress)
+            if state is PowerState.STOPPED:
+                return await move.run_cold()
             if req.mode == "mirror" and load_tree(entry.paths.vm_dir).snapshots:
                 raise InvalidArgument(
                     "mode", f"vm {name!r} has snapshots: only shared storage keeps them"
                 )
-            move = _Move(self.service, entry, spec, req, progress)
             return await move.run()
 
 
@@ -228,6 +230,57 @@ class _Move:
         )
         return self._result()
 
+    async def run_cold(self) -> dict[str, Any]:
+        """A stopped VM: its files sent (mirror) or handed over (shared), then dropped here."""
+        self._update(1, f"connecting to {self.destination}")
+        self.control = await self.channel("control")
+        try:
+            if self.req.mode == "mirror":
+                for name, path in self._own_small_files():
+                    await self._send_file(name, path)
+                for disk in self.spec.disks:
+                    await self._send_disk(disk)
+            self.finish_sent = True
+            await self._ask({"op": "commit"})
+        except BaseException as exc:
+            if not (self.finish_sent and self._moved()):
+                raise
+            log.warning(
+                "vm %s: moved, though the destination did not say so: %s", self.spec.name, exc
+            )
+        finally:
+            self.control[1].close()
+        paths = self.entry.paths
+        if self.req.mode == "mirror":
+            await self._drop_copy()
+        shutil.rmtree(paths.run_dir, ignore_errors=True)
+        self.service.emit(
+            "vm.migrated", self.spec.name, f"moved to {self.req.address} (cold migration)",
+            destination=self.req.address, mode=self.req.mode,
+        )  # fmt: skip
+        return self._result()
+
+    async def _send_disk(self, disk: DiskSpec) -> None:
+        """A disk as one image (a chain flattened first) named ``<disk>.<format>``."""
+        path = self.entry.paths.resolve(disk.path)
+        flat = None
+        if len(await self.service.images.chain(path)) > 1:
+            flat = self.entry.paths.vm_dir / f".{disk.name}.migrating"
+            await self.service.images.convert(path, flat, disk.format)
+        try:
+            self._update(10, f"sending disk {disk.name}")
+            await self._send_file(f"{disk.name}.{disk.format}", flat or path, channel="disk")
+        finally:
+            if flat is not None:
+                flat.unlink(missing_ok=True)
+
+    async def _drop_copy(self) -> None:
+        paths = self.entry.paths
+        doomed = paths.vm_dir.with_name(f".{self.entry.name}{DELETING}{secrets.token_hex(4)}")
+        paths.vm_dir.rename(doomed)
+        fsync_dir(doomed.parent)
+        await asyncio.to_thread(shutil.rmtree, doomed, True)
+
     # --- the phases ----------------------------------------------------------------
 
     async def _prepare(self) -> None:
@@ -256,15 +309,15 @@ class _Move:
                 found.append((name, path))
         return found
 
-    async def _send_file(self, name: str, path: Path) -> None:
+    async def _send_file(self, name: str, path: Path, channel: str = "files") -> None:
         assert self.control is not None
         size = path.stat().st_size
         await tunnel.send_message(self.control, {"op": "file", "name": name, "size": size})
         writer = self.control[1]
         with path.open("rb") as f:
-            while data := f.read(tunnel.CHUNK):
+            while data := await asyncio.to_thread(f.read, tunnel.CHUNK):
                 writer.write(data)
-                self.counter.add("files", len(data))
+                self.counter.add(channel, len(data))
                 await writer.drain()
         reply = await tunnel.read_message(self.control, timeout=FINISH_TIMEOUT_S)
         _check_reply(reply, f"sending {name}")
@@ -442,7 +495,7 @@ class _Move:
     async def _confirm(self) -> None:
         """The VM runs at the destination: end ours, and drop our copy (mirror)."""
         self._update(99, "cleaning up the source")
-        entry, paths = self.entry, self.entry.paths
+        paths = self.entry.paths
         pid = process.running_pid(paths)
         process.record_stop(paths, "migrate", f"moved to {self.req.address}")
         await self.mon.quit()
@@ -451,10 +504,7 @@ class _Move:
             await process.wait_gone(paths, pid, 10)
         await self.service.vm_gone(self.spec)
         if self.req.mode == "mirror":
-            doomed = paths.vm_dir.with_name(f".{entry.name}{DELETING}{secrets.token_hex(4)}")
-            paths.vm_dir.rename(doomed)
-            fsync_dir(doomed.parent)
-            await asyncio.to_thread(shutil.rmtree, doomed, True)
+            await self._drop_copy()
         shutil.rmtree(paths.run_dir, ignore_errors=True)
 
     # --- rollback ------------------------------------------------------------------
@@ -538,7 +588,7 @@ class _Move:
             "total_ms": round((time.monotonic() - self.step.started) * 1000, 1),
             "transferred_bytes": self.counter.bytes,
             "memory_bytes": channels.get("memory", 0),
-            "disk_bytes": sum(n for c, n in channels.items() if c.startswith("disk:")),
+            "disk_bytes": sum(n for c, n in channels.items() if c.startswith("disk")),
         }
 
     _completed_at: float = 0.0

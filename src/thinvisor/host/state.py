@@ -82,8 +82,9 @@ ALLOWED: dict[Action, frozenset[PowerState]] = {
     Action.MOVE_DISK: frozenset({_S.STOPPED, _S.RUNNING, _S.PAUSED}),
     Action.CONVERT_DISK: frozenset({_S.STOPPED}),
     Action.MARK_TEMPLATE: frozenset({_S.STOPPED}),
-    # Live migration moves a running guest (a paused one would be resumed by the move).
-    Action.MIGRATE: frozenset({_S.RUNNING}),
+    # Live migration moves a running guest (a paused one would be resumed by the move);
+    # a stopped VM's files move (cold migration).
+    Action.MIGRATE: frozenset({_S.RUNNING, _S.STOPPED}),
 }
 
 # What a template allows: it is never powered on and its disks never change, since
