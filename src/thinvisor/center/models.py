@@ -6,6 +6,9 @@ datastores, networks). Permissions and tags hang on nodes, so that a grant on a 
 reaches everything below it by walking ``parent_id``. The tables ``hosts``, ``vms``,
 ``datastores`` and ``networks`` add each kind's own columns to its node.
 
+Placement rules (``rules``, ``rule_members``) bind VMs of one cluster together or keep
+them apart; a rule goes with its cluster, and a VM leaves every rule when it goes.
+
 Every foreign key deletes with its parent (``ON DELETE CASCADE``): removing a host's node
 removes its VMs, datastores and networks, their tags' links and the permissions on them,
 in the one statement. Schema changes go through the Alembic migrations beside this file;
@@ -37,6 +40,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from thinvisor.auth.roles import Role
+from thinvisor.center.placement import RuleKind
 
 #: Longest name of any node, tag or principal.
 NAME_MAX = 255
@@ -253,3 +257,33 @@ class PermissionModel(Base):
     principal: Mapped[str] = mapped_column(String(NAME_MAX), index=True)
     """The user's name."""
     role: Mapped[str] = mapped_column(String(16))
+
+
+class RuleModel(Base):
+    """An affinity or anti-affinity rule of a cluster (``thinvisor.center.rules``)."""
+
+    __tablename__ = "rules"
+    __table_args__ = (
+        # Every kind; migration r0002 spells the same list out.
+        CheckConstraint(_in("kind", tuple(RuleKind)), name="kind"),
+        UniqueConstraint("cluster_id", "name"),
+        {"sqlite_autoincrement": True},
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    cluster_id: Mapped[int] = mapped_column(ForeignKey("nodes.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(NAME_MAX))
+    kind: Mapped[str] = mapped_column(String(16))
+
+
+class RuleMemberModel(Base):
+    """A VM of a rule."""
+
+    __tablename__ = "rule_members"
+
+    rule_id: Mapped[int] = mapped_column(
+        ForeignKey("rules.id", ondelete="CASCADE"), primary_key=True
+    )
+    vm_id: Mapped[int] = mapped_column(
+        ForeignKey("nodes.id", ondelete="CASCADE"), primary_key=True, index=True
+    )

@@ -27,7 +27,7 @@ from websockets.sync.client import connect
 
 from thinvisor.auth import Role, UserStore
 from thinvisor.center.config import CENTER_CONFIG_ENV, CenterConfig, load_center_config
-from thinvisor.cli import center_vm, common
+from thinvisor.cli import center_rules, center_vm, common
 from thinvisor.cli.center_client import (
     CenterClient,
     center_login_path,
@@ -66,6 +66,7 @@ app.add_typer(cluster_app, name="cluster")
 app.add_typer(host_app, name="host")
 app.add_typer(center_vm.app, name="vm")
 app.add_typer(tag_app, name="tag")
+app.add_typer(center_rules.app, name="rule")
 
 ConfigOpt = Annotated[
     Path | None,
