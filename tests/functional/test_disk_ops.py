@@ -66,7 +66,8 @@ def test_live_storage_migration_while_the_guest_writes(host: TestHost) -> None:
         "vm1",
         "(i=0; while [ ! -e /tmp/stop ] && [ $i -lt 2048 ]; do "
         'echo "BLOCK-$i" | dd of=/dev/vda bs=512 seek=$i conv=fsync 2>/dev/null; '
-        "i=$((i+1)); echo $i > /tmp/count.new; mv /tmp/count.new /tmp/count; done) >/dev/null 2>&1 & true",
+        "i=$((i+1)); echo $i > /tmp/count.new; mv /tmp/count.new /tmp/count; done) "
+        ">/dev/null 2>&1 & true",
     )
     while int(sh(host, "vm1", "cat /tmp/count 2>/dev/null || echo 0").strip()) < 5:
         time.sleep(0.2)
