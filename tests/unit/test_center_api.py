@@ -990,3 +990,159 @@ def test_the_event_stream_carries_the_hosts_events(
             assert (event["kind"], event["object"]) == ("vm.running", "host/ev1/vm/vm1")
 
     run(tmp_path, scenario)
+
+
+# --- live migration -------------------------------------------------------------------
+
+
+async def migration_site(c: Center, source: FakeHost, target: FakeHost) -> dict[str, int]:
+    """/dc1/prod/<source> (its VMs; ``app`` running) and /dc1/<target>; the ids, by name."""
+    ids = {"dc1": await c.node("datacenter", None, "dc1")}
+    ids["prod"] = await c.node("folder", ids["dc1"], "prod")
+    ids[source.name] = (await c.add_host(ids["prod"], source))["id"]
+    ids[target.name] = (await c.add_host(ids["dc1"], target))["id"]
+    for vm in source.vms.values():
+        ids[vm.name] = await c.vm_id(vm.name)
+    return ids
+
+
+def test_a_running_vm_migrates_through_the_api(
+    tmp_path: Path, lab: Callable[..., FakeHost]
+) -> None:
+    source, target = lab("esx1"), lab("esx2")
+    source.add_vm("app", power_state=PowerState.RUNNING, memory_mib=128)
+
+    async def scenario(c: Center) -> None:
+        ids = await migration_site(c, source, target)
+        await c.call("POST", "/tags", json={"name": "gold"}, status=201)
+        await c.call("PUT", f"/nodes/{ids['app']}/tags/gold", status=200)
+        body = {"host": "/dc1/esx2", "downtime_ms": 100, "bandwidth_mib_s": 500}
+        task = await c.call("POST", f"/vms/{ids['app']}/migrate", json=body, status=202)
+        assert (task["kind"], task["object"], task["cancellable"]) == (
+            "vm.migrate", "/dc1/prod/esx1/app", True)  # fmt: skip
+        done = await c.finished(task)
+        assert done["state"] == "success", done
+        result = done["result"]
+        assert (result["source"], result["vm"]["path"], result["vm"]["id"]) == (
+            "/dc1/prod/esx1/app", "/dc1/esx2/app", ids["app"])  # fmt: skip
+        assert result["transferred_bytes"] == 128 << 20 and result["mode"] == "shared"
+        vm = await c.call("GET", f"/vms/{ids['app']}", status=200)
+        assert (vm["path"], vm["host_id"], vm["power_state"]) == (
+            "/dc1/esx2/app", ids["esx2"], "running")  # fmt: skip
+        assert (await c.call("GET", f"/nodes/{ids['app']}", status=200))["tags"] == ["gold"]
+        assert [v.name for v in target.vms.values()] == ["app"] and not source.vms
+        vms = await c.call("GET", "/vms", params={"name": "app"}, status=200)
+        assert [v["id"] for v in vms] == [ids["app"]]
+        # Back to a host named by id.
+        body = {"host": ids["esx1"]}
+        back = await c.finished(
+            await c.call("POST", f"/vms/{ids['app']}/migrate", json=body, status=202)
+        )
+        assert back["result"]["vm"]["path"] == "/dc1/prod/esx1/app"
+
+    run(tmp_path, scenario)
+
+
+def test_bad_migration_requests_are_refused_and_change_nothing(
+    tmp_path: Path, lab: Callable[..., FakeHost]
+) -> None:
+    source, target = lab("esx3", vms=["idle"]), lab("esx4")
+    source.add_vm("app", power_state=PowerState.RUNNING)
+
+    async def scenario(c: Center) -> None:
+        ids = await migration_site(c, source, target)
+        before = await c.call("GET", "/inventory", status=200)
+        app = ids["app"]
+
+        async def refused(status: int, body: dict[str, Any], message: str, vm: int = app) -> None:
+            answer = await c.call("POST", f"/vms/{vm}/migrate", json=body, status=status)
+            assert answer["message"].startswith(message), answer
+
+        await refused(400, {"host": "/dc1/esx4", "downtime_ms": 5}, "downtime_ms: ")
+        await refused(400, {"host": "/dc1/esx4", "downtime_ms": 10_001}, "downtime_ms: ")
+        await refused(400, {"host": "/dc1/esx4", "bandwidth_mib_s": 0}, "bandwidth_mib_s: ")
+        await refused(400, {"host": "/dc1/esx4", "mode": "mirror"}, "mode: ")
+        await refused(400, {}, "host: ")
+        await refused(400, {"host": "/dc1"}, "host: datacenter /dc1 is not a host")
+        await refused(400, {"host": "/dc1/nope"}, "host: no inventory object at /dc1/nope")
+        await refused(400, {"host": "/dc1/prod/esx3"}, "host: /dc1/prod/esx3/app is on ")
+        await refused(400, {"host": "/dc1/esx4", "datastore": "nope"},
+                      "datastore: /dc1/esx4 has no datastore 'nope'")  # fmt: skip
+        await refused(409, {"host": "/dc1/esx4"}, "vm 'idle': cannot migrate while stopped",
+                      ids["idle"])  # fmt: skip
+        await refused(404, {"host": "/dc1/esx4"}, "no vm with id 999999", 999999)
+        assert await c.call("GET", "/tasks", status=200) == []
+        assert await c.call("GET", "/inventory", status=200) == before
+        assert {v.name for v in source.vms.values()} == {"idle", "app"} and not target.vms
+
+    run(tmp_path, scenario)
+
+
+def test_a_migration_needs_configure_on_the_vm_and_on_the_destination(
+    tmp_path: Path, lab: Callable[..., FakeHost]
+) -> None:
+    source, target = lab("esx5"), lab("esx6")
+    source.add_vm("app", power_state=PowerState.RUNNING)
+
+    async def scenario(c: Center) -> None:
+        ids = await migration_site(c, source, target)
+        c.agent.users.add_user("bob", PASSWORD, Role.NO_ACCESS)
+        path, body = f"/vms/{ids['app']}/migrate", {"host": "/dc1/esx6"}
+        denied = await c.call("POST", path, json=body, auth=ALICE, status=403)
+        assert denied["message"] == (
+            "user 'alice' may not configure /dc1/prod/esx5/app (role there: read-only)"
+        )
+        hidden = await c.call("POST", path, json=body, auth=BOB, status=404)
+        assert hidden["message"] == f"no vm with id {ids['app']}"
+        await c.call("PUT", f"/nodes/{ids['prod']}/permissions/alice", json={"role": "admin"},
+                     status=200)  # fmt: skip
+        denied = await c.call("POST", path, json=body, auth=ALICE, status=403)
+        assert (
+            denied["message"] == "user 'alice' may not configure /dc1/esx6 (role there: read-only)"
+        )
+        await c.call("PUT", f"/nodes/{ids['esx6']}/permissions/alice", json={"role": "admin"},
+                     status=200)  # fmt: skip
+        task = await c.call("POST", path, json=body, auth=ALICE, status=202)
+        assert (await c.finished(task, ALICE))["state"] == "success"
+
+    run(tmp_path, scenario)
+
+
+def test_a_migration_is_cancelled_through_the_api(
+    tmp_path: Path, lab: Callable[..., FakeHost]
+) -> None:
+    source, target = lab("esx7"), lab("esx8")
+    source.add_vm("app", power_state=PowerState.RUNNING)
+    source.slow_migrations(30)
+
+    async def scenario(c: Center) -> None:
+        ids = await migration_site(c, source, target)
+        c.agent.users.add_user("bob", PASSWORD, Role.NO_ACCESS)
+        body = {"host": "/dc1/esx8"}
+        task = await c.call("POST", f"/vms/{ids['app']}/migrate", json=body, status=202)
+        for _ in range(200):  # until the host copies its memory
+            task = await c.call("GET", f"/tasks/{task['id']}", status=200)
+            if str(task["message"]).startswith("copying memory"):
+                break
+            await asyncio.sleep(0.01)
+        cancel = f"/tasks/{task['id']}/cancel"
+        hidden = await c.call("POST", cancel, auth=BOB, status=404)
+        assert hidden["message"] == f"task {task['id']!r} does not exist"
+        denied = await c.call("POST", cancel, auth=ALICE, status=403)
+        assert denied["message"] == (
+            "user 'alice' may not configure /dc1/prod/esx7/app (role there: read-only)"
+        )
+        await c.call("POST", cancel, status=202)
+        done = await c.finished(task)
+        assert done["error"] == {"error": "cancelled", "message": "task cancelled"}
+        again = await c.call("POST", cancel, status=409)
+        assert again["error"] == "busy"
+        vm = await c.call("GET", f"/vms/{ids['app']}", status=200)
+        assert (vm["path"], vm["power_state"]) == ("/dc1/prod/esx7/app", "running")
+        assert [v.name for v in source.vms.values()] == ["app"] and not target.vms
+        power = await c.call("POST", f"/vms/{ids['app']}/power/reset", status=202)
+        refused = await c.call("POST", f"/tasks/{power['id']}/cancel", status=409)
+        assert refused["error"] == "unsupported"
+        await c.call("POST", "/tasks/no-such-task/cancel", status=404)
+
+    run(tmp_path, scenario)

@@ -14,9 +14,10 @@ from typing import Any
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import func, inspect, select, text
 
-from thinvisor.center.db import Database, open_database
+from thinvisor.center.db import Database, alembic_config, open_database
 from thinvisor.center.inventory import Inventory, Node
 from thinvisor.center.models import (
     Base,
@@ -29,8 +30,9 @@ from thinvisor.center.models import (
     PermissionModel,
     VmModel,
 )
+from thinvisor.center.permissions import Permissions
 from thinvisor.center.secrets import SecretBox
-from thinvisor.errors import AlreadyExists, InvalidArgument, InvalidConfig, NotFound
+from thinvisor.errors import AlreadyExists, Busy, InvalidArgument, InvalidConfig, NotFound
 from thinvisor.providers.base import (
     DatastoreRecord,
     HostRecord,
@@ -87,9 +89,10 @@ def count(db: Database, model: type[Base]) -> int:
 
 
 def test_migrations_build_exactly_the_models_schema(db: Database) -> None:
+    head = ScriptDirectory.from_config(alembic_config(db.engine.url)).get_current_head()
     with db.engine.connect() as connection:
         context = MigrationContext.configure(connection)
-        assert context.get_current_revision() == "0001"
+        assert context.get_current_revision() == head
         assert compare_metadata(context, Base.metadata) == []
         indexes = {ix["name"] for ix in inspect(connection).get_indexes("nodes")}
     assert {"uq_nodes_container_name", "uq_nodes_root_name"} <= indexes
@@ -576,6 +579,110 @@ def test_find_vms_by_name_or_pattern(inv: Inventory) -> None:
     assert inv.find_vms("5%") == []
     assert len(inv.find_vms("*")) == 6
     assert inv.find_vms("nope") == []
+
+
+# --- moving VMs between hosts (live migration) ----------------------------------------
+
+
+def two_hosts(inv: Inventory) -> tuple[Node, Node]:
+    """/dc1/a (VMs 'app' and 'other') and /dc1/b/h2 (VM 'db'), both synced."""
+    dc = inv.create_datacenter("dc1")
+    folder = inv.create_folder(dc.id, "b")
+    a = inv.add_host(dc.id, "a", "fake", "fake://a")
+    b = inv.add_host(folder.id, "h2", "fake", "fake://b")
+    inv.apply_snapshot(a.id, snapshot(vm("vm-1", "app"), vm("vm-2", "other")))
+    inv.apply_snapshot(b.id, snapshot(vm("vm-3", "db")))
+    return a, b
+
+
+def test_a_moved_vm_keeps_its_id_tags_and_grants(inv: Inventory, db: Database) -> None:
+    a, b = two_hosts(inv)
+    app = inv.vm_by_ext_id(a.id, "vm-1")
+    inv.create_tag("prod")
+    inv.tag(app.id, "prod")
+    Permissions(db).grant(app.id, "ann", "operator")
+    moved = inv.move_vm(app.id, b.id)
+    assert (moved.id, moved.path, moved.host_id, moved.host_name) == (
+        app.id, "/dc1/b/h2/app", b.id, "h2")  # fmt: skip
+    assert (moved.ext_id, moved.power_state, moved.cpus) == ("vm-1", app.power_state, app.cpus)
+    assert [t.name for t in inv.tags_of(app.id)] == ["prod"]
+    assert [(g.path, g.role) for g in Permissions(db).grants(principal="ann")] == [
+        ("/dc1/b/h2/app", "operator")
+    ]
+    assert [v.name for v in inv.vms(a.id)] == ["other"]
+    # Later syncs: the source no longer lists it, the destination does (same ext_id).
+    inv.apply_snapshot(a.id, snapshot(vm("vm-2", "other")))
+    diff = inv.apply_snapshot(b.id, snapshot(vm("vm-3", "db"), vm("vm-1", "app", cpus=2)))
+    assert (diff.added, diff.removed) == ((), ())
+    assert [(v.id, v.name, v.cpus) for v in inv.vms(b.id)] == [
+        (app.id, "app", 2), (inv.vm_by_ext_id(b.id, "vm-3").id, "db", 1)]  # fmt: skip
+    assert inv.remove_vm(a.id, "vm-1") is False and inv.vm(app.id).host_id == b.id
+    assert count(db, VmModel) == 3
+
+
+def test_while_a_vm_moves_the_syncs_neither_delete_nor_duplicate_it(
+    inv: Inventory, db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a, b = two_hosts(inv)
+    app = inv.vm_by_ext_id(a.id, "vm-1")
+    move = inv.begin_move(app.id, b.id)
+    assert (move.ext_id, move.source, move.destination) == ("vm-1", a.id, b.id)
+    with pytest.raises(Busy, match="vm /dc1/a/app is already being moved"):
+        inv.begin_move(app.id, b.id)
+    # The hosts tell of the move before the center knows it succeeded.
+    assert inv.remove_vm(a.id, "vm-1") is False
+    inv.apply_snapshot(a.id, snapshot(vm("vm-2", "other")))
+    assert inv.apply_vm(b.id, vm("vm-1", "app")).id == app.id
+    inv.apply_snapshot(b.id, snapshot(vm("vm-3", "db"), vm("vm-1", "app")))
+    assert inv.vm(app.id).host_id == a.id and count(db, VmModel) == 3
+    inv.apply_vm(a.id, vm("vm-1", "app", power_state=PowerState.PAUSED))  # the source's own
+    assert inv.vm(app.id).power_state == PowerState.PAUSED
+    stale = inv._moving(b.id)  # what a sync of the destination read just before ...
+    inv.move_vm(app.id, b.id)  # ... the move ended
+    monkeypatch.setattr(inv, "_moving", lambda host_id: stale if host_id == b.id else ((), {}))
+    inv.apply_snapshot(b.id, snapshot(vm("vm-3", "db"), vm("vm-1", "app")))
+    assert inv.vm(app.id).host_id == b.id and count(db, VmModel) == 3
+    monkeypatch.undo()
+    inv.begin_move(app.id, a.id)  # it may move again (back)
+    inv.end_move(app.id)
+    assert inv.remove_vm(b.id, "vm-1") is True  # no longer moving: its host's sync rules
+
+
+def test_a_failed_move_leaves_the_vm_to_its_hosts_syncs(inv: Inventory) -> None:
+    a, b = two_hosts(inv)
+    app = inv.vm_by_ext_id(a.id, "vm-1")
+    inv.begin_move(app.id, b.id)
+    inv.end_move(app.id)
+    inv.apply_vm(b.id, vm("vm-1", "app"))  # a VM of that id there is another VM
+    assert inv.vm_by_ext_id(b.id, "vm-1").id != app.id
+    inv.apply_snapshot(a.id, snapshot(vm("vm-2", "other")))
+    with pytest.raises(NotFound):
+        inv.vm(app.id)
+
+
+def test_a_row_the_destination_made_meanwhile_gives_way(inv: Inventory, db: Database) -> None:
+    a, b = two_hosts(inv)
+    app = inv.vm_by_ext_id(a.id, "vm-1")
+    twin = inv.apply_vm(b.id, vm("vm-1", "app"))  # the destination's sync was first
+    assert inv.move_vm(app.id, b.id).id == app.id
+    with pytest.raises(NotFound):
+        inv.vm(twin.id)
+    assert [v.id for v in inv.find_vms("app")] == [app.id] and count(db, VmModel) == 3
+
+
+def test_bad_moves_are_refused_and_change_nothing(inv: Inventory) -> None:
+    a, b = two_hosts(inv)
+    app = inv.vm_by_ext_id(a.id, "vm-1")
+    dc = inv.resolve("/dc1")
+    with unchanged(inv), pytest.raises(NotFound, match="no vm with id"):
+        inv.move_vm(dc.id, b.id)
+    with unchanged(inv), pytest.raises(NotFound, match="no host with id"):
+        inv.move_vm(app.id, dc.id)
+    with pytest.raises(NotFound, match="no host with id"):
+        inv.begin_move(app.id, dc.id)
+    with pytest.raises(NotFound, match="no vm with id"):
+        inv.begin_move(b.id, a.id)
+    assert inv.remove_vm(a.id, "vm-1") is True  # nothing was left moving
 
 
 # --- tags -----------------------------------------------------------------------------

@@ -9,9 +9,11 @@ process, are the ones it manages).
 
 from __future__ import annotations
 
+import asyncio
 import http.server
 import json
 import os
+import re
 import signal
 import socket
 import ssl
@@ -44,11 +46,11 @@ from thinvisor.center.permissions import Permissions
 from thinvisor.center.secrets import SecretBox
 from thinvisor.cli import center as center_cli
 from thinvisor.cli.center import normal_fingerprint
-from thinvisor.cli.center_client import center_url
+from thinvisor.cli.center_client import CenterClient, center_url
 from thinvisor.cli.center_vm import serial_target
 from thinvisor.cli.main import app
 from thinvisor.cli.remote import Login, pinned_context, save_login
-from thinvisor.errors import InvalidArgument
+from thinvisor.errors import InvalidArgument, NotFound
 from thinvisor.providers.base import PowerState
 from thinvisor.providers.fake import FakeHost, fake_host, remove_fake_host
 from thinvisor.tls import ensure_certificate, fingerprint
@@ -339,6 +341,73 @@ def test_snapshots_tasks_events_through_the_cli(
     ]
     events = tv(admin, "center", "events", "--kind", "vm.")
     assert "vm.changed host/hostb/vm/web [admin]: hostb: web: snapshot before taken" in events
+
+
+def add_both(admin: dict[str, str], hosts: list[FakeHost]) -> None:
+    """/dc1/hosta and /dc1/hostb, added through the CLI."""
+    tv(admin, "center", "datacenter", "create", "dc1")
+    for host, pinned in zip(hosts, (["--fingerprint", HOST_FINGERPRINT], []), strict=True):
+        add = ["center", "host", "add", host.address, "--provider", "fake", "--parent", "/dc1"]
+        tv(admin, *add, "--user", "admin", "--password-file", "-", *pinned, stdin="secret\n")
+
+
+MOVED = re.compile(
+    r"moved /dc1/hosta/db to hostb in \d+\.\d s \(downtime \d+ ms, 256\.0 MiB transferred\)\n"
+)
+
+
+def test_a_live_migration_through_the_cli(
+    center: ThreadCenter, hosts: list[FakeHost], tmp_path: Path
+) -> None:
+    a, b = hosts
+    admin = center.env(tmp_path, "admin")
+    add_both(admin, hosts)
+    stopped = tv(admin, "center", "vm", "migrate", "db", "hostb", code=1)
+    assert stopped == "error: vm 'db': cannot migrate while stopped\n"
+    tv(admin, "center", "vm", "start", "db")
+    assert MOVED.fullmatch(
+        tv(admin, "center", "vm", "migrate", "db", "hostb", "--downtime-ms", "50")
+    )
+    assert b.vm_named("db").power_state is PowerState.RUNNING
+    assert "db" not in {vm.name for vm in a.vms.values()}
+    options = ["--no-auto-converge", "--bandwidth", "100", "--json"]
+    back = json.loads(tv(admin, "center", "vm", "migrate", "/dc1/hostb/db", "/dc1/hosta", *options))
+    assert (back["source"], back["vm"]["path"], back["mode"]) == (
+        "/dc1/hostb/db", "/dc1/hosta/db", "shared")  # fmt: skip
+    tv(admin, "center", "vm", "start", "/dc1/hosta/web")
+    taken = tv(admin, "center", "vm", "migrate", "/dc1/hosta/web", "hostb", code=1)
+    assert taken == f"error: {b.address}: a vm named 'web' exists\n"
+    assert "Invalid value" in tv(admin, "center", "vm", "migrate", "db", "hostb",
+                                 "--downtime-ms", "5", code=2)  # fmt: skip
+    assert a.vm_named("web").power_state is PowerState.RUNNING
+
+
+def test_a_migration_is_cancelled_by_the_start_of_its_id(
+    center: ThreadCenter, hosts: list[FakeHost], tmp_path: Path
+) -> None:
+    a, b = hosts
+    admin = center.env(tmp_path, "admin")
+    add_both(admin, hosts)
+    tv(admin, "center", "vm", "start", "db")
+    a.slow_migrations(30)
+    started = tv(admin, "center", "vm", "migrate", "db", "hostb", "--no-wait")
+    task_id = started.split()[1]
+    assert started == f"task {task_id} started: vm.migrate /dc1/hosta/db\n"
+    login = Login(
+        url=center.url, token=center.agent.users.create_token("admin", "t")[1], user="admin"
+    )
+
+    async def cancel(ref: str) -> dict[str, Any]:
+        async with CenterClient(login) as client:
+            return await client.cancel_task(ref)
+
+    with pytest.raises(NotFound, match="task 'nothing' does not exist"):
+        asyncio.run(cancel("nothing"))
+    done = asyncio.run(cancel(task_id[:8]))
+    assert (done["id"], done["state"], done["error"]["error"]) == (task_id, "error", "cancelled")
+    assert a.vm_named("db").power_state is PowerState.RUNNING and "db" not in {
+        vm.name for vm in b.vms.values()
+    }
 
 
 def test_permissions_tags_and_the_tree_through_the_cli(

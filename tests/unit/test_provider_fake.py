@@ -9,6 +9,7 @@ import functools
 import secrets
 import threading
 from collections.abc import Callable, Coroutine, Iterator
+from dataclasses import replace
 from typing import Any, ParamSpec
 
 import pytest
@@ -19,6 +20,7 @@ from thinvisor.errors import (
     InvalidArgument,
     InvalidState,
     NotFound,
+    ProviderError,
     Unreachable,
 )
 from thinvisor.providers import fake, open_provider
@@ -27,6 +29,8 @@ from thinvisor.providers.base import (
     ChangeKind,
     Connection,
     CreateVm,
+    DatastoreRecord,
+    MigrationOptions,
     PowerAction,
     PowerState,
     Provider,
@@ -245,3 +249,136 @@ async def test_maintenance_is_a_host_change(host: FakeHost) -> None:
     assert event.kind == ChangeKind.HOST_CHANGED
     assert event.host is not None and event.host.maintenance
     assert event.user == "admin"
+
+
+# --- live migration -----------------------------------------------------------------------
+
+
+@pytest.fixture
+def other() -> Iterator[FakeHost]:
+    """A second fake host, with no VM and a datastore of its own besides datastore1."""
+    address = f"fake://unit-{secrets.token_hex(4)}"
+    h = fake_host(address)
+    h.datastores.append(DatastoreRecord("local2", "local2", 1 << 40, 1 << 39))
+    yield h
+    remove_fake_host(address)
+
+
+async def migrate(
+    source: FakeHost, destination: FakeHost, vm_id: str, **options: Any
+) -> dict[str, Any]:
+    """Migrate as the center does: the spec from the source, a ticket from the destination."""
+    chosen = MigrationOptions(**options)
+    sender, receiver = provider(source), provider(destination)
+    ticket = await receiver.prepare_incoming(await sender.migration_spec(vm_id), chosen)
+    return await sender.migrate(vm_id, ticket, chosen)
+
+
+@run_async
+async def test_a_migration_moves_the_running_vm_with_its_id(
+    host: FakeHost, other: FakeHost
+) -> None:
+    vm = host.vm_named("vm1")
+    snap = await provider(host).create_snapshot(vm.id, "before")
+    host.set_power(vm.id, S.RUNNING)
+    out_stream, in_stream = provider(host).events(), provider(other).events()
+    steps: list[int] = []
+    sender, receiver = provider(host), provider(other)
+    ticket = await receiver.prepare_incoming(await sender.migration_spec(vm.id), MigrationOptions())
+    assert (ticket.address, ticket.mode) == (other.address, "shared")
+    assert ticket.token not in repr(ticket)
+    result = await sender.migrate(vm.id, ticket, MigrationOptions(), lambda p, _: steps.append(p))
+    assert (result["vm"], result["mode"], result["destination"]) == ("vm1", "shared", other.address)
+    assert result["transferred_bytes"] == 256 << 20 and result["total_ms"] >= result["downtime_ms"]
+    assert steps == sorted(steps) and steps[0] == 0 and len(steps) == fake.MIGRATION_STEPS
+    assert vm.id not in host.vms
+    moved = other.vm(vm.id)
+    assert (moved.name, moved.power_state, moved.uuid) == ("vm1", S.RUNNING, vm.uuid)
+    assert [s.id for s in await receiver.snapshots(vm.id)] == [snap.id]
+    gone, came = await next_event(out_stream), await next_event(in_stream)
+    while gone.kind != ChangeKind.VM_REMOVED:  # the snapshot's and the power's first
+        gone = await next_event(out_stream)
+    assert (gone.vm_id, gone.peer_kind) == (vm.id, "vm.migrated")
+    assert (came.kind, came.vm_id, came.peer_kind) == (ChangeKind.VM_CHANGED, vm.id, "vm.migrated")
+
+
+@run_async
+async def test_disks_the_destination_does_not_see_are_mirrored(
+    host: FakeHost, other: FakeHost
+) -> None:
+    vm = host.add_vm("far", power_state=S.RUNNING, datastores=("nfs-only-here",))
+    result = await migrate(host, other, vm.id, datastore="local2")
+    assert result["mode"] == "mirror" and other.vm(vm.id).datastores == ("local2",)
+    near = host.add_vm("near", power_state=S.RUNNING, datastores=("elsewhere",))
+    await migrate(host, other, near.id)  # the destination's first datastore
+    assert other.vm(near.id).datastores == ("datastore1",)
+
+
+@run_async
+async def test_bad_migrations_are_refused_and_change_nothing(
+    host: FakeHost, other: FakeHost
+) -> None:
+    vm = host.vm_named("vm1")
+    sender, receiver = provider(host), provider(other)
+    with pytest.raises(InvalidState, match="cannot migrate while stopped"):
+        await migrate(host, other, vm.id)
+    host.set_power(vm.id, S.RUNNING)
+    other.add_vm("vm1")
+    with pytest.raises(AlreadyExists):
+        await migrate(host, other, vm.id)
+    other.remove_vm(other.vm_named("vm1").id)
+    with pytest.raises(InvalidArgument, match=r"datastore: .* has no datastore 'nope'"):
+        await migrate(host, other, vm.id, datastore="nope")
+    wired = host.add_vm("wired", power_state=S.RUNNING, networks=("vlan-only-here",))
+    with pytest.raises(InvalidArgument, match="network"):
+        await migrate(host, other, wired.id)
+    ticket = await receiver.prepare_incoming(await sender.migration_spec(vm.id), MigrationOptions())
+    forged = replace(ticket, token="0" * 32)
+    with pytest.raises(InvalidArgument, match=r"ticket: .* expects no vm 'vm1'"):
+        await sender.migrate(vm.id, forged, MigrationOptions())
+    with pytest.raises(InvalidArgument, match="ticket"):  # for another VM
+        await sender.migrate(wired.id, ticket, MigrationOptions())
+    await sender.migrate(vm.id, ticket, MigrationOptions())
+    assert vm.id in other.vms
+    with pytest.raises(NotFound):
+        await sender.migrate(vm.id, ticket, MigrationOptions())
+    assert set(other.vms) == {vm.id} and "wired" in {v.name for v in host.vms.values()}
+
+
+@run_async
+async def test_a_ticket_lets_one_vm_in_once(host: FakeHost, other: FakeHost) -> None:
+    first = host.add_vm("first", power_state=S.RUNNING)
+    sender, receiver = provider(host), provider(other)
+    ticket = await receiver.prepare_incoming(
+        await sender.migration_spec(first.id), MigrationOptions()
+    )
+    await sender.migrate(first.id, ticket, MigrationOptions())
+    back = provider(other)
+    with pytest.raises(InvalidArgument, match="ticket"):  # used: even the same VM again
+        await back.migrate(first.id, replace(ticket, address=host.address), MigrationOptions())
+
+
+@run_async
+async def test_a_failed_or_cancelled_migration_leaves_the_vm_running_where_it_was(
+    host: FakeHost, other: FakeHost
+) -> None:
+    vm = host.add_vm("app", power_state=S.RUNNING)
+    host.fail_migrations(ProviderError("the switch-over failed"))
+    with pytest.raises(ProviderError, match="the switch-over failed"):
+        await migrate(host, other, vm.id)
+    assert host.vm(vm.id).power_state == S.RUNNING and not other.vms
+    host.fail_migrations(None)
+    host.slow_migrations(30)
+    moving = asyncio.ensure_future(migrate(host, other, vm.id))
+    await asyncio.sleep(0.05)
+    moving.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await moving
+    assert host.vm(vm.id).power_state == S.RUNNING and not other.vms
+    host.slow_migrations(0)
+    sender, chosen = provider(host), MigrationOptions()
+    ticket = await provider(other).prepare_incoming(await sender.migration_spec(vm.id), chosen)
+    other.set_reachable(False)  # gone before the switch-over
+    with pytest.raises(Unreachable):
+        await sender.migrate(vm.id, ticket, chosen)
+    assert host.vm(vm.id).power_state == S.RUNNING

@@ -1,16 +1,28 @@
 """The thinvisor provider's translations, without an agent: credentials, where a VM's
-disks live, a VM the agent cannot read, and the event ids a resumed stream relies on."""
+disks live, a VM the agent cannot read, the event ids a resumed stream relies on, and
+the requests of a live migration (against routes served by a plain function)."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import json
+from dataclasses import replace
 from typing import Any
 
+import httpx
 import pytest
 
-from thinvisor.providers.base import ChangeKind, Connection, PowerState
+from thinvisor.errors import InvalidArgument, InvalidState
+from thinvisor.providers.base import (
+    ChangeKind,
+    Connection,
+    MigrationOptions,
+    MigrationTicket,
+    PowerState,
+)
 from thinvisor.providers.thinvisor import (
+    AgentApi,
     EventStream,
     ThinvisorProvider,
     auth_header,
@@ -75,3 +87,147 @@ def test_resumed_stream_skips_repeats_and_says_when_events_were_lost() -> None:
     assert asyncio.run(kinds(event(11))) == []  # the next one, of nothing the center lists
     assert asyncio.run(kinds(event(15, "datastore.added"))) == [ChangeKind.RESYNC] * 2
     assert provider.last_event_id == 15
+
+
+# --- live migration, against an agent's routes served by httpx's mock transport -------------
+
+SPEC = {"name": "app1", "vcpus": 1, "memory_mib": 64, "disks": [], "nics": []}
+RESULT = {
+    "vm": "app1",
+    "mode": "shared",
+    "downtime_ms": 84.0,
+    "total_ms": 2100.0,
+    "transferred_bytes": 48 << 20,
+    "destination": "agent-b.example",
+}
+
+
+class Agent:
+    """The migration routes of one agent: what it was asked, in order, and a migration
+    task that runs until ``finish`` (or a cancel) ends it."""
+
+    def __init__(self, *, cancel_too_late: bool = False) -> None:
+        self.asked: list[tuple[str, str, Any]] = []
+        self.task: dict[str, Any] = {"id": "t-1", "kind": "vm.migrate", "state": "queued",
+                                     "progress": 0, "message": None, "result": None,
+                                     "error": None}  # fmt: skip
+        self.polls = 0
+        self.running = asyncio.Event()  # set once the task was asked about twice
+        self.cancel_too_late = cancel_too_late
+
+    def finish(self, error: dict[str, str] | None = None) -> None:
+        if error is None:
+            self.task |= {"state": "success", "progress": 100, "result": RESULT}
+        else:
+            self.task |= {"state": "error", "error": error}
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content) if request.content else None
+        route = (request.method, request.url.path.removeprefix("/api/v1"))
+        self.asked.append((*route, body))
+        if route == ("GET", "/vms/app1"):
+            return httpx.Response(200, json={"name": "app1", "state": "running", "spec": SPEC})
+        if route == ("GET", "/vms/broken"):
+            return httpx.Response(200, json={"name": "broken", "state": "invalid", "spec": None})
+        if route == ("POST", "/migrations/incoming"):
+            ticket = {"id": "m-1", "token": "secret", "port": 49152, "fingerprint": "AB:CD",
+                      "mode": "shared"}  # fmt: skip
+            return httpx.Response(201, json=ticket)
+        if route == ("POST", "/vms/app1/migrate"):
+            return httpx.Response(202, json=dict(self.task))
+        if route == ("GET", "/tasks/t-1"):
+            return self.poll()
+        if route == ("POST", "/tasks/t-1/cancel"):
+            return self.cancel()
+        return httpx.Response(404, json={"error": "not_found", "message": f"no route {route}"})
+
+    def poll(self) -> httpx.Response:
+        self.polls += 1
+        if self.polls >= 2:
+            self.running.set()
+        if self.task["state"] in ("queued", "running"):
+            self.task |= {"state": "running", "progress": min(self.polls * 30, 90),
+                          "message": f"copied {self.polls}"}  # fmt: skip
+        return httpx.Response(200, json=dict(self.task))
+
+    def cancel(self) -> httpx.Response:
+        if self.cancel_too_late:
+            self.finish()
+            return httpx.Response(409, json={"error": "busy", "message": "already finished"})
+        self.finish({"error": "cancelled", "message": "task cancelled"})
+        return httpx.Response(202, json=dict(self.task))
+
+
+def on_agent(address: str, agent: Agent) -> ThinvisorProvider:
+    """A provider whose requests ``agent`` answers (plain HTTP: nothing to pin)."""
+    provider = ThinvisorProvider(Connection(address, "admin", "pw"))
+    api = provider.api
+    provider.api = AgentApi(
+        api.address, api.base, api.headers, None, transport=httpx.MockTransport(agent)
+    )
+    return provider
+
+
+def test_a_migration_asks_both_agents_as_their_api_says() -> None:
+    source, destination = Agent(), Agent()
+    sender = on_agent("http://agent-a.example:8443", source)
+    receiver = on_agent("http://agent-b.example:8443", destination)
+    options = MigrationOptions(downtime_ms=50, auto_converge=False, bandwidth_mib_s=100)
+    steps: list[tuple[int, str]] = []
+
+    def report(percent: int, message: str) -> None:
+        steps.append((percent, message))
+        if len(steps) == 3:
+            source.finish()
+
+    async def go() -> dict[str, Any]:
+        spec = await sender.migration_spec("app1")
+        ticket = await receiver.prepare_incoming(spec, replace(options, datastore="fast"))
+        assert (ticket.address, ticket.port, ticket.mode) == ("agent-b.example", 49152, "shared")
+        return await sender.migrate("app1", ticket, options, report)
+
+    assert asyncio.run(go()) == RESULT
+    assert destination.asked == [
+        ("POST", "/migrations/incoming", {"vm": SPEC, "mode": "auto", "datastore": "fast"})
+    ]
+    assert source.asked[:2] == [
+        ("GET", "/vms/app1", None),
+        ("POST", "/vms/app1/migrate", {
+            "address": "agent-b.example", "port": 49152, "fingerprint": "AB:CD",
+            "token": "secret", "mode": "shared", "downtime_ms": 50, "auto_converge": False,
+            "bandwidth_mib_s": 100,
+        }),
+    ]  # fmt: skip
+    assert steps[:3] == [(0, ""), (30, "copied 1"), (60, "copied 2")]
+    assert steps[-1][0] == 100
+
+
+def test_a_vm_without_a_spec_is_not_sent_and_a_failed_task_raises_its_error() -> None:
+    agent = Agent()
+    provider = on_agent("http://agent-a.example:8443", agent)
+    ticket = MigrationTicket("m-1", "secret", "agent-b.example", 49152, "AB:CD", "shared")
+    with pytest.raises(InvalidState, match="vm 'broken': cannot migrate while invalid"):
+        asyncio.run(provider.migration_spec("broken"))
+    agent.finish({"error": "invalid_argument", "message": "token: refused by the destination"})
+    with pytest.raises(InvalidArgument, match="token: refused by the destination"):
+        asyncio.run(provider.migrate("app1", ticket, MigrationOptions()))
+
+
+@pytest.mark.parametrize("too_late", [False, True])
+def test_cancelling_a_migration_cancels_the_agents_task(too_late: bool) -> None:
+    agent = Agent(cancel_too_late=too_late)
+    provider = on_agent("http://agent-a.example:8443", agent)
+    ticket = MigrationTicket("m-1", "secret", "agent-b.example", 49152, "AB:CD", "shared")
+
+    async def go() -> dict[str, Any]:
+        moving = asyncio.ensure_future(provider.migrate("app1", ticket, MigrationOptions()))
+        await asyncio.wait_for(agent.running.wait(), 5)
+        moving.cancel()
+        return await moving
+
+    if too_late:  # it had switched over: the VM runs there, and that is what is said
+        assert asyncio.run(go()) == RESULT
+    else:
+        with pytest.raises(asyncio.CancelledError):
+            asyncio.run(go())
+    assert ("POST", "/tasks/t-1/cancel", None) in agent.asked

@@ -18,11 +18,18 @@ path (``/dc1/prod/host1/vm1``) names one of them; a ``/`` or ``%`` inside a name
 as ``%2F`` or ``%25`` in a path. What the center discovers is keyed by the provider's
 own id (``ext_id``), not by name: two VMs of one host may share a name, and a VM renamed
 on its host keeps its node (and its tags and permissions).
+
+A VM live-migrated to another host keeps its node too (``move_vm``). While it moves
+(``begin_move`` until ``move_vm`` or ``end_move``), the hosts' syncs leave it alone: the
+source may say it is gone and the destination that it is there before the center learns
+that the migration succeeded, and neither may delete it nor add it a second time.
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
+import threading
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -49,7 +56,7 @@ from thinvisor.center.models import (
     utcnow,
 )
 from thinvisor.center.secrets import SecretBox
-from thinvisor.errors import AlreadyExists, InvalidArgument, NotFound
+from thinvisor.errors import AlreadyExists, Busy, InvalidArgument, NotFound
 from thinvisor.providers import canonical_address
 from thinvisor.providers.base import (
     DatastoreRecord,
@@ -143,6 +150,16 @@ class Tag:
     id: int
     name: str
     category: str | None
+
+
+@dataclass(frozen=True)
+class Move:
+    """A VM on its way from one host to another (``Inventory.begin_move``)."""
+
+    vm_id: int
+    ext_id: str
+    source: int
+    destination: int
 
 
 @dataclass(frozen=True)
@@ -419,9 +436,11 @@ def _sync_kind(
     changes: _Changes,
     *,
     complete: bool,
+    keep: Collection[str] = (),
 ) -> None:
     """Make the host's rows of ``kind`` match ``records`` (keyed by ``record.id``);
-    ``complete``: the records are all there are, so delete the rows not among them."""
+    ``complete``: the records are all there are, so delete the rows not among them
+    (except those whose ids are in ``keep``)."""
     wanted = {record.id: record for record in records}  # the last of a repeated id wins
     query = (
         select(kind.model, NodeModel)
@@ -436,7 +455,8 @@ def _sync_kind(
     for ext_id, (row, node) in existing.items():
         record = wanted.get(ext_id)
         if record is None:
-            gone.append(_as_node(node, _join(host.path, node.name)))
+            if ext_id not in keep:
+                gone.append(_as_node(node, _join(host.path, node.name)))
             continue
         renamed = _assign(node, {"name": _discovered_name(record)})
         if _assign(row, kind.values(record)) or renamed:
@@ -472,6 +492,9 @@ class Inventory:
     def __init__(self, db: Database, secrets: SecretBox) -> None:
         self.db = db
         self.secrets = secrets
+        # VMs being moved, by node id: in memory, as the migrations that move them are.
+        self._moves: dict[int, Move] = {}
+        self._moves_lock = threading.Lock()
 
     # --- the tree ---------------------------------------------------------------------
 
@@ -716,19 +739,29 @@ class Inventory:
     def apply_snapshot(self, host_id: int, snap: InventorySnapshot) -> SyncDiff:
         """Make the host's VMs, datastores and networks what ``snap`` says (by each one's
         provider id: added, changed, gone ones deleted) and mark the host connected.
-        Applying the same snapshot again changes nothing."""
+        Applying the same snapshot again changes nothing. A VM moving away is kept, and
+        one moving in is not added, until its move ends."""
         changes = _Changes()
+        leaving, arriving = self._moving(host_id)
+        vms = [vm for vm in snap.vms if vm.id not in arriving]
+        # Kept either way: one that arrived as this began is no longer the sync's to drop.
+        keep = leaving | set(arriving)
         with self.db.write() as session:
             host = _load_host(session, host_id, lock=True)
             node = _load_node(session, host_id)
-            _sync_kind(session, _VMS, node, snap.vms, changes, complete=True)
+            _sync_kind(session, _VMS, node, vms, changes, complete=True, keep=keep)
             _sync_kind(session, _DATASTORES, node, snap.datastores, changes, complete=True)
             _sync_kind(session, _NETWORKS, node, snap.networks, changes, complete=True)
             _mark_connected(host, snap.host)
         return changes.freeze()
 
     def apply_vm(self, host_id: int, vm: VmRecord) -> VmRow:
-        """Add or update one VM of the host (from an event or an operation's result)."""
+        """Add or update one VM of the host (from an event or an operation's result). A VM
+        moving in is not added until its move ends: the moving VM's row is returned."""
+        arriving = self._moving(host_id)[1]
+        if vm.id in arriving:
+            with contextlib.suppress(NotFound):  # gone meanwhile (its host removed): add it
+                return self.vm(arriving[vm.id])
         with self.db.write() as session:
             _load_host(session, host_id, lock=True)
             node = _load_node(session, host_id)
@@ -739,7 +772,9 @@ class Inventory:
             return rows[0]
 
     def remove_vm(self, host_id: int, ext_id: str) -> bool:
-        """Forget one VM of the host; whether it was known."""
+        """Forget one VM of the host; whether it was known. A VM moving away is kept."""
+        if ext_id in self._moving(host_id)[0]:
+            return False
         with self.db.write() as session:
             _load_host(session, host_id, lock=True)
             query = select(VmModel.node_id).where(
@@ -750,6 +785,62 @@ class Inventory:
                 return False
             _delete_nodes(session, [node_id])
             return True
+
+    # --- moving VMs between hosts -----------------------------------------------------
+
+    def begin_move(self, vm_id: int, host_id: int) -> Move:
+        """Mark the VM as moving to the host ``host_id``, until ``move_vm`` or ``end_move``:
+        meanwhile its host's sync keeps it and the destination's does not add it.
+        ``Busy`` if it is moving already."""
+        vm = self.vm(vm_id)
+        self.host(host_id)  # NotFound if there is none
+        move = Move(vm.id, vm.ext_id, vm.host_id, host_id)
+        with self._moves_lock:
+            if vm_id in self._moves:
+                raise Busy(f"vm {vm.path} is already being moved to another host")
+            self._moves[vm_id] = move
+        return move
+
+    def end_move(self, vm_id: int) -> None:
+        """The VM no longer moves (its migration failed, or ``move_vm`` ended it)."""
+        with self._moves_lock:
+            self._moves.pop(vm_id, None)
+
+    def move_vm(self, vm_id: int, host_id: int) -> VmRow:
+        """The VM now lives on the host ``host_id``: its row keeps its id (its tags and
+        the grants on it follow it) and goes under that host, where the host's provider
+        knows it by the same id. A row the destination's sync made for it meanwhile is
+        dropped. Ends its move, if it was moving."""
+        with self.db.write() as session:
+            source = session.scalars(
+                select(VmModel.host_id).where(VmModel.node_id == vm_id)
+            ).first()
+            if source is None:
+                raise NotFound(f"no vm with id {vm_id}")
+            for locked in sorted({source, host_id}):  # one order: no deadlock with a move back
+                _load_host(session, locked, lock=True)
+            row = session.get(VmModel, vm_id, populate_existing=True)
+            if row is None:
+                raise NotFound(f"no vm with id {vm_id}")
+            twin = select(VmModel.node_id).where(
+                VmModel.host_id == host_id, VmModel.ext_id == row.ext_id, VmModel.node_id != vm_id
+            )
+            _delete_nodes(session, list(session.scalars(twin)))
+            row.host_id = host_id
+            _get_node(session, vm_id).parent_id = host_id
+            session.flush()
+            moved = _vm_rows(session, _vm_query().where(VmModel.node_id == vm_id))[0]
+        self.end_move(vm_id)  # once committed: a sync that looks now finds it moved
+        return moved
+
+    def _moving(self, host_id: int) -> tuple[set[str], dict[str, int]]:
+        """The ids on their providers of the VMs moving away from the host, and of those
+        moving to it (with their node ids)."""
+        with self._moves_lock:
+            moves = list(self._moves.values())
+        leaving = {m.ext_id for m in moves if m.source == host_id}
+        arriving = {m.ext_id: m.vm_id for m in moves if m.destination == host_id}
+        return leaving, arriving
 
     # --- VMs, datastores, networks ----------------------------------------------------
 

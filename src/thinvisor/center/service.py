@@ -7,6 +7,11 @@ host answers, so that the center shows it without waiting for the host's event.
 
 Registering a host connects to it first: an unreachable address, a certificate that is
 not the pinned one and refused credentials are refused before anything is written.
+
+A live migration (``migrate_vm``) is driven from here, the hosts doing the moving: the
+destination's provider prepares to receive the VM and hands out a ticket, the source's
+sends the VM with it. The VM keeps its inventory row (``Inventory.move_vm``), which the
+hosts' syncs leave alone while it moves.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from thinvisor.center.config import SyncConfig
@@ -24,6 +30,8 @@ from thinvisor.errors import (
     CertificateMismatch,
     CredentialsRefused,
     InvalidArgument,
+    InvalidState,
+    NotFound,
     ThinvisorError,
     Unreachable,
 )
@@ -37,7 +45,9 @@ from thinvisor.providers.base import (
     ConsoleEndpoint,
     ConsoleKind,
     CreateVm,
+    MigrationOptions,
     PowerAction,
+    PowerState,
     Provider,
     Reconfigure,
     SnapshotRecord,
@@ -48,6 +58,13 @@ log = logging.getLogger(__name__)
 
 #: How long registering a host waits for it to connect and answer.
 CONNECT_TIMEOUT_S = 30.0
+#: The shortest and longest switch-over pause a migration may be asked to keep to.
+DOWNTIME_MS = (10, 10_000)
+#: The least and the most bandwidth a migration may be given, in MiB/s.
+BANDWIDTH_MIB_S = (1, 100_000)
+#: Where a migration's progress is at each step: prepared, sent (the host's own progress
+#: runs in between), in the inventory.
+PREPARED, SENT = 5, 90
 
 
 class CenterService:
@@ -230,6 +247,150 @@ class CenterService:
 
         return self.tasks.submit("vm.delete", vm.path, user, work)
 
+    async def migrate_vm(
+        self,
+        vm_id: int,
+        host_id: int,
+        options: MigrationOptions,
+        *,
+        user: str | None = None,
+    ) -> Task:
+        """Live-migrate a running VM to the host ``host_id``, as a task that may be
+        cancelled until the VM has switched over (the VM then keeps running where it was).
+
+        Checked first, each refusal naming what is wrong: the VM runs, the destination
+        is another host, both are connected, of the same provider kind, both can migrate,
+        the destination is not in maintenance, the options are in range."""
+        plan = await self._migration(vm_id, host_id, options)
+        await asyncio.to_thread(self.inventory.begin_move, vm_id, host_id)
+        task: Task | None = None
+
+        async def work(progress: Progress) -> dict[str, Any]:
+            def switched() -> None:
+                if task is not None:
+                    task.cancellable = False  # the VM runs there now: nothing to undo
+
+            return await self._migrate(plan, options, progress, switched, user)
+
+        try:
+            task = self.tasks.submit("vm.migrate", plan.vm.path, user, work, cancellable=True)
+        except BaseException:
+            self.inventory.end_move(vm_id)
+            raise
+        return task
+
+    async def _migration(self, vm_id: int, host_id: int, options: MigrationOptions) -> _Migration:
+        """What a migration of the VM to ``host_id`` needs, once every check passed."""
+        vm = await asyncio.to_thread(self.inventory.vm, vm_id)
+        if vm.template or vm.power_state != PowerState.RUNNING:
+            state = "a template" if vm.template else vm.power_state.value
+            raise InvalidState(vm.name, state, "migrate")
+        try:
+            destination = await asyncio.to_thread(self.inventory.host, host_id)
+        except NotFound as exc:
+            raise InvalidArgument("host", str(exc)) from None
+        if destination.id == vm.host_id:
+            raise InvalidArgument("host", f"{vm.path} is on {destination.path} already")
+        source = await asyncio.to_thread(self.inventory.host, vm.host_id)
+        source_provider = self.syncs.get(source.id).provider()
+        target = self.syncs.get(destination.id).provider()
+        if destination.provider != source.provider:
+            raise InvalidArgument(
+                "host",
+                f"{destination.path} is a {destination.provider} host and {vm.path} is on a "
+                f"{source.provider} host: a VM migrates between hosts of one provider kind",
+            )
+        source_provider.require(Capability.MIGRATE)
+        target.require(Capability.MIGRATE)
+        if destination.maintenance:
+            raise InvalidArgument("host", f"{destination.path} is in maintenance mode")
+        await self._check_options(destination, options)
+        return _Migration(vm, source, destination, source_provider, target)
+
+    async def _check_options(self, destination: HostRow, options: MigrationOptions) -> None:
+        low, high = DOWNTIME_MS
+        if not low <= options.downtime_ms <= high:
+            raise InvalidArgument(
+                "downtime_ms", f"must be from {low} to {high}, not {options.downtime_ms}"
+            )
+        least, most = BANDWIDTH_MIB_S
+        bandwidth = options.bandwidth_mib_s
+        if bandwidth is not None and not least <= bandwidth <= most:
+            raise InvalidArgument(
+                "bandwidth_mib_s", f"must be from {least} to {most}, not {bandwidth}"
+            )
+        if options.datastore is not None:
+            stores = await asyncio.to_thread(self.inventory.datastores, destination.id)
+            if options.datastore not in {d.name for d in stores}:
+                raise InvalidArgument(
+                    "datastore", f"{destination.path} has no datastore {options.datastore!r}"
+                )
+
+    async def _migrate(
+        self,
+        plan: _Migration,
+        options: MigrationOptions,
+        progress: Progress,
+        switched: Callable[[], None],
+        user: str | None,
+    ) -> dict[str, Any]:
+        """The migration's work: the hosts move the VM, then the inventory follows."""
+        vm, destination = plan.vm, plan.destination
+        try:
+            progress.update(1, f"preparing {destination.name} to receive {vm.name}")
+            spec = await plan.source_provider.migration_spec(vm.ext_id)
+            ticket = await plan.target.prepare_incoming(spec, options)
+
+            moving = f"moving {vm.name} to {destination.name} ({ticket.mode})"
+
+            def report(percent: int, message: str) -> None:
+                share = (SENT - PREPARED) * max(0, min(100, percent)) // 100
+                progress.update(PREPARED + share, message or moving)
+
+            report(0, moving)
+            result = await plan.source_provider.migrate(vm.ext_id, ticket, options, report)
+            switched()
+            progress.update(SENT, f"{vm.name} runs on {destination.name}")
+            moved = await self._moved(vm.id, destination.id)
+        finally:
+            self.inventory.end_move(vm.id)
+            await self._resync(plan.source.id, destination.id)
+        if moved is None:
+            moved = await asyncio.to_thread(self.inventory.vm_by_ext_id, destination.id, vm.ext_id)
+        self._emit_migrated(plan, moved, result, user)
+        return {**result, "vm": vm_dict(moved), "source": vm.path}
+
+    async def _moved(self, vm_id: int, host_id: int) -> VmRow | None:
+        """The VM's row, moved to the host; None if the center forgot it meanwhile (its
+        host was removed, say): the destination's sync adds it anew."""
+        try:
+            return await asyncio.to_thread(self.inventory.move_vm, vm_id, host_id)
+        except NotFound:
+            return None
+
+    async def _resync(self, *host_ids: int) -> None:
+        """Take the hosts' snapshots again now (what their syncs skipped while a VM moved),
+        as far as they answer."""
+        for host_id in host_ids:
+            try:
+                await self.syncs.get(host_id).refresh()
+            except (ThinvisorError, TimeoutError) as exc:
+                log.info("host %s not refreshed after a migration: %s", host_id, exc)
+
+    def _emit_migrated(
+        self, plan: _Migration, row: VmRow, result: dict[str, Any], user: str | None
+    ) -> None:
+        downtime = result.get("downtime_ms")
+        said = f", downtime {downtime:.0f} ms" if isinstance(downtime, int | float) else ""
+        self.events.emit(
+            "vm.migrated",
+            f"vm {plan.vm.name} moved from {plan.source.name} to {plan.destination.name}"
+            f" ({result.get('mode', 'live')}{said})",
+            object=f"host/{plan.destination.name}/vm/{row.name}",
+            user=user,
+            data={"from": plan.vm.path, "to": row.path, "vm_id": row.id, **result},
+        )
+
     async def snapshots(self, vm_id: int) -> list[SnapshotRecord]:
         vm, provider = await self._target(vm_id)
         provider.require(Capability.SNAPSHOT)
@@ -292,6 +453,17 @@ class CenterService:
     async def _record(self, host_id: int, record: VmRecord) -> dict[str, Any]:
         row = await asyncio.to_thread(self.inventory.apply_vm, host_id, record)
         return vm_dict(row)
+
+
+@dataclass(frozen=True)
+class _Migration:
+    """A migration that passed its checks: the VM, its hosts and their providers."""
+
+    vm: VmRow
+    source: HostRow
+    destination: HostRow
+    source_provider: Provider
+    target: Provider
 
 
 async def _check_connection(provider: Provider) -> Any:

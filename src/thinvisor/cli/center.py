@@ -643,6 +643,27 @@ def _outcome(task: dict[str, Any]) -> str:
     return str(error["message"]) if error else str(task.get("message") or "")
 
 
+task_app = typer.Typer(help="Tasks of the center.", no_args_is_help=True)
+app.add_typer(task_app, name="task")
+
+
+@task_app.command("cancel")
+def task_cancel(
+    task_id: Annotated[
+        str, typer.Argument(help="The task: its id, or the start of it as 'tasks' shows it.")
+    ],
+    json_out: JsonOpt = False,
+) -> None:
+    """Cancel a running task (a migration: the VM keeps running where it was)."""
+    task = on_center(lambda c: c.cancel_task(task_id))
+    if json_out:
+        common.print_json(task)
+    elif task["state"] == "success":
+        typer.echo(f"task {task['id']} had finished before it could be cancelled")
+    else:
+        typer.echo(f"task {task['id']} {task['kind']} {task['object']}: {_outcome(task)}")
+
+
 @app.command()
 def events(
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Then print new ones.")] = False,

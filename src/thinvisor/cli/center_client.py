@@ -15,6 +15,7 @@ import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import quote
 
 from rich.markup import escape
 from rich.table import Table
@@ -153,6 +154,36 @@ class CenterClient(ApiClient):
         if "*" in ref or "?" in ref:
             raise InvalidArgument("vm", f"{ref!r}: name one VM, not a pattern")
         return _one("vm", ref, await self.get("/vms", name=ref))
+
+    # Tasks
+
+    async def task(self, ref: str) -> dict[str, Any]:
+        """A task by its id, or by the start of it (as ``thinvisor center tasks`` shows
+        it) where that names one of the recent tasks."""
+        recent: list[dict[str, Any]] = await self.get("/tasks", limit=500)
+        found = [t for t in recent if t["id"] == ref] or [
+            t for t in recent if t["id"].startswith(ref)
+        ]
+        if len(found) > 1:
+            raise InvalidArgument("task", f"{len(found)} tasks' ids begin {ref!r}: give more of it")
+        if found:
+            return found[0]
+        by_id: dict[str, Any] = await self.get(f"/tasks/{quote(ref, safe='')}")
+        return by_id
+
+    async def cancel_task(self, ref: str, *, wait: bool = True) -> dict[str, Any]:
+        """Cancel a task (a migration): the task once it has ended (without ``wait``: as
+        the center took the cancel). ``Unsupported`` if it cannot be, ``Busy`` if it has
+        finished."""
+        found = await self.task(ref)
+        path = f"/tasks/{quote(found['id'], safe='')}"
+        task: dict[str, Any] = (await self.call("POST", f"{path}/cancel")).json()
+        delay = self.first_poll_s
+        while wait and task["state"] not in ("success", "error"):
+            await asyncio.sleep(delay)
+            delay = min(delay * 1.5, 0.5)
+            task = await self.get(path)
+        return task
 
 
 def _one(kind: str, ref: str, found: list[dict[str, Any]]) -> dict[str, Any]:

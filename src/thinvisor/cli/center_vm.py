@@ -313,6 +313,73 @@ def vm_delete(vm: VmArg, no_wait: NoWaitOpt = False) -> None:
     _run(what, no_wait, lambda result: f"deleted vm {result['deleted']}")
 
 
+# --- live migration -------------------------------------------------------------------
+
+
+@app.command("migrate")
+def vm_migrate(
+    vm: VmArg,
+    host: Annotated[str, typer.Argument(help="The host to move it to: its path, id or name.")],
+    datastore: Annotated[
+        str | None,
+        typer.Option(
+            help="Where its disks go if the host does not see them where they are "
+            "(default: the host's default datastore).",
+            show_default=False,
+        ),
+    ] = None,
+    downtime_ms: Annotated[
+        int, typer.Option(min=10, max=10_000, help="The longest pause of the VM when it switches.")
+    ] = 300,
+    auto_converge: Annotated[
+        bool,
+        typer.Option(
+            "--auto-converge/--no-auto-converge",
+            help="Slow the VM's CPUs down if its memory changes faster than it is copied.",
+        ),
+    ] = True,
+    bandwidth: Annotated[
+        int | None,
+        typer.Option(
+            min=1, max=100_000, help="The most the copy may use, in MiB/s.", show_default=False
+        ),
+    ] = None,
+    no_wait: NoWaitOpt = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Move a running VM to another host of the same provider kind, live.
+
+    Interrupting the command leaves the migration running. To stop it (the VM then keeps
+    running where it was): thinvisor center task cancel ID.
+    """
+
+    async def what(center: CenterClient) -> tuple[str, str, dict[str, Any]]:
+        found, target = await center.vm(vm), await center.host(host)
+        body: dict[str, Any] = {"host": target["id"], "downtime_ms": downtime_ms}
+        body |= {"auto_converge": auto_converge, "bandwidth_mib_s": bandwidth}
+        if datastore is not None:
+            body["datastore"] = datastore
+        return "POST", f"/vms/{found['id']}/migrate", body
+
+    if json_out:
+        common.print_json(_operation(what, no_wait))
+    else:
+        _run(what, no_wait, migrated)
+
+
+def migrated(result: dict[str, Any]) -> str:
+    """What a migration's result says: where the VM went, how long it took, what moved."""
+    said = f"moved {result['source']} to {result['vm']['host']}"
+    if isinstance(result.get("total_ms"), int | float):
+        said += f" in {result['total_ms'] / 1000:.1f} s"
+    details = []
+    if isinstance(result.get("downtime_ms"), int | float):
+        details.append(f"downtime {result['downtime_ms']:.0f} ms")
+    if isinstance(result.get("transferred_bytes"), int | float):
+        details.append(f"{result['transferred_bytes'] / (1 << 20):.1f} MiB transferred")
+    return said + (f" ({', '.join(details)})" if details else "")
+
+
 # --- snapshots ------------------------------------------------------------------------
 
 SnapshotArg = Annotated[str, typer.Argument(help="The snapshot: its id or name.")]

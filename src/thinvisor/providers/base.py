@@ -17,10 +17,10 @@ inventory on (host, id) so that a rename on the peer is seen as a rename.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from thinvisor.errors import Unsupported
 
@@ -48,6 +48,9 @@ class Capability(StrEnum):
     """``console()``: where a VM's serial or graphical console is reached."""
     MAINTENANCE = "maintenance"
     """``set_maintenance()`` on the host."""
+    MIGRATE = "migrate"
+    """Live-migrate a running VM to another host of the same provider kind:
+    ``migration_spec()``, ``prepare_incoming()`` (on the destination), ``migrate()``."""
 
 
 class PowerState(StrEnum):
@@ -221,6 +224,42 @@ class Connection:
     """The SHA-256 fingerprint of the host's TLS certificate, pinned (``AA:BB:...``)."""
 
 
+@dataclass(frozen=True)
+class MigrationOptions:
+    """How a VM is live-migrated."""
+
+    downtime_ms: int = 300
+    """The longest pause of the VM that the switch-over may take."""
+    auto_converge: bool = True
+    """Slow the VM's CPUs down where its memory changes faster than it is copied."""
+    bandwidth_mib_s: int | None = None
+    """The most the copy may use (None: as much as it gets)."""
+    datastore: str | None = None
+    """The destination's datastore for the VM's disks where they must be copied there
+    (the destination does not see them at the same paths); None: its default one."""
+
+
+@dataclass(frozen=True)
+class MigrationTicket:
+    """What the destination hands out for one incoming VM, and the source needs to send it."""
+
+    id: str
+    token: str = field(repr=False)
+    """The secret that lets the source in, once."""
+    address: str
+    """The destination's host name or IP address, as the source reaches it."""
+    port: int
+    fingerprint: str
+    """The SHA-256 fingerprint of the destination's migration endpoint's certificate."""
+    mode: str
+    """``shared`` (the destination sees the VM's disks where they are) or ``mirror`` (the
+    disks are copied along with the memory)."""
+
+
+#: Reports how far a migration is: a percentage and what it is doing.
+MigrationProgress = Callable[[int, str], None]
+
+
 class Provider(ABC):
     """One managed host. Every method may raise ``Unreachable`` (no answer),
     ``ProviderError`` (the peer failed), ``NotFound`` (no such VM or snapshot),
@@ -309,3 +348,31 @@ class Provider(ABC):
     async def set_maintenance(self, on: bool) -> HostRecord:
         self.require(Capability.MAINTENANCE)
         raise AssertionError("a provider with MAINTENANCE overrides set_maintenance()")
+
+    async def migration_spec(self, vm_id: str) -> dict[str, Any]:
+        """The VM's configuration as the destination's ``prepare_incoming`` takes it."""
+        self.require(Capability.MIGRATE)
+        raise AssertionError("a provider with MIGRATE overrides migration_spec()")
+
+    async def prepare_incoming(
+        self, spec: dict[str, Any], options: MigrationOptions
+    ) -> MigrationTicket:
+        """Make this host ready to receive the VM ``spec`` (from another host's
+        ``migration_spec``); the ticket the source's ``migrate`` needs. Bad input (a name
+        taken here, a network missing) raises before anything is made."""
+        self.require(Capability.MIGRATE)
+        raise AssertionError("a provider with MIGRATE overrides prepare_incoming()")
+
+    async def migrate(
+        self,
+        vm_id: str,
+        ticket: MigrationTicket,
+        options: MigrationOptions,
+        progress: MigrationProgress | None = None,
+    ) -> dict[str, Any]:
+        """Move the running VM to the host that issued ``ticket``; what it took:
+        ``{"vm", "mode", "downtime_ms", "total_ms", "transferred_bytes", "destination"}``.
+        Once it returns, the VM runs there (with the same id) and is gone here; when it
+        raises, or is cancelled, the VM still runs here."""
+        self.require(Capability.MIGRATE)
+        raise AssertionError("a provider with MIGRATE overrides migrate()")

@@ -4,12 +4,14 @@ A fake host lives in a registry of this module keyed by its ``Connection.address
 (``fake://lab1``, say), so that every provider opened on that address (the center's, a
 test's) sees the same host. Tests make hosts with ``fake_host()`` and drive them with
 the ``FakeHost`` helpers: ``add_vm``, ``remove_vm``, ``set_power`` (a change made on the
-host behind the center's back), ``set_reachable(False)`` (the host stops answering).
+host behind the center's back), ``set_reachable(False)`` (the host stops answering),
+``fail_migrations`` and ``slow_migrations`` (how live migrations from the host go).
 
 The fake is honest where the center relies on a peer's behaviour: credentials and the
 pinned fingerprint are checked on every call, power actions follow the same state
 machine as a thinvisor host (a refused action changes nothing), templates cannot be
-started, only stopped VMs are cloned, reconfigured or deleted. Every change, made through
+started, only stopped VMs are cloned, reconfigured or deleted, only running ones migrated
+(to a fake host that issued a ticket for them, keeping their id). Every change, made through
 a provider or by a helper, reaches every connected provider: its ``events()`` streams
 yield every change since ``connect()``, one stream after another missing nothing in
 between (as the thinvisor provider resumes its agent's stream), so that nothing is lost
@@ -24,12 +26,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import secrets
 import threading
+import time
 import uuid
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from thinvisor.errors import (
     AlreadyExists,
@@ -52,6 +56,9 @@ from thinvisor.providers.base import (
     DatastoreRecord,
     HostRecord,
     InventorySnapshot,
+    MigrationOptions,
+    MigrationProgress,
+    MigrationTicket,
     NetworkRecord,
     PowerAction,
     PowerState,
@@ -79,6 +86,10 @@ DELETABLE = frozenset({S.STOPPED, S.SUSPENDED})
 
 #: Changes queued for a provider that reads none before they are dropped (``RESYNC``).
 MAX_PENDING = 10_000
+#: The steps in which a migration reports its progress.
+MIGRATION_STEPS = 4
+#: The port a fake host's tickets name (nothing listens: the fake moves VMs in memory).
+MIGRATION_PORT = 49152
 
 _ids = itertools.count(1)
 
@@ -174,6 +185,10 @@ class FakeHost:
     memory_mib: int = 32768
     maintenance: bool = False
     reachable: bool = True
+    migration_error: ThinvisorError | None = None
+    """What every migration from this host fails with (``fail_migrations``); None: none."""
+    migration_s: float = 0.0
+    """How long a migration from this host takes (``slow_migrations``)."""
     vms: dict[str, FakeVm] = field(default_factory=dict)
     datastores: list[DatastoreRecord] = field(
         default_factory=lambda: [DatastoreRecord("datastore1", "datastore1", 1 << 40, 1 << 39)]
@@ -273,6 +288,15 @@ class FakeHost:
             if not reachable:
                 self.end_feeds(Unreachable(f"{self.address}: the host does not answer"))
 
+    def fail_migrations(self, error: ThinvisorError | None) -> None:
+        """Make every migration from this host fail with ``error`` once its memory is
+        copied, the VM still running here (None: migrations succeed again)."""
+        self.migration_error = error
+
+    def slow_migrations(self, seconds: float) -> None:
+        """Make every migration from this host take ``seconds`` (to cancel one, say)."""
+        self.migration_s = seconds
+
     # --- Events ---
 
     def emit(self, event: ChangeEvent) -> None:
@@ -340,8 +364,22 @@ class FakeEventStream:
         self._feed = None
 
 
+@dataclass(frozen=True)
+class _Incoming:
+    """A VM a fake host is ready to receive: what its ticket let in."""
+
+    id: str
+    destination: str
+    """The address of the receiving host."""
+    name: str
+    mode: str
+    datastore: str | None
+    """Where its disks go in ``mirror`` mode."""
+
+
 _hosts: dict[str, FakeHost] = {}
 _hosts_lock = threading.Lock()
+_incoming: dict[str, _Incoming] = {}  # by token; guarded by _hosts_lock
 
 
 def fake_host(
@@ -613,6 +651,74 @@ class FakeProvider(Provider):
             )
             return record
 
+    # --- Live migration ---
+
+    async def migration_spec(self, vm_id: str) -> dict[str, Any]:
+        host = self._host()
+        with host.lock:
+            vm = host.vm(vm_id)
+            return {
+                "id": vm.id,
+                "name": vm.name,
+                "cpus": vm.cpus,
+                "memory_mib": vm.memory_mib,
+                "datastores": list(vm.datastores),
+                "networks": list(vm.networks),
+            }
+
+    async def prepare_incoming(
+        self, spec: dict[str, Any], options: MigrationOptions
+    ) -> MigrationTicket:
+        host = self._host()
+        with host.lock:
+            _check_new_name(host, str(spec.get("name") or ""))
+            for network in spec.get("networks", []):
+                _network(host, network)
+            mode, datastore = _migration_mode(host, spec, options)
+        token = secrets.token_hex(16)
+        incoming = _Incoming(_next_id("migration"), host.address, spec["name"], mode, datastore)
+        with _hosts_lock:
+            _incoming[token] = incoming
+        return MigrationTicket(
+            id=incoming.id,
+            token=token,
+            address=host.address,
+            port=MIGRATION_PORT,
+            fingerprint=host.fingerprint or "",
+            mode=mode,
+        )
+
+    async def migrate(
+        self,
+        vm_id: str,
+        ticket: MigrationTicket,
+        options: MigrationOptions,
+        progress: MigrationProgress | None = None,
+    ) -> dict[str, Any]:
+        source = self._host()
+        with source.lock:
+            vm = source.vm(vm_id)
+            if vm.template or vm.power_state != PowerState.RUNNING:
+                state = "a template" if vm.template else vm.power_state.value
+                raise InvalidState(vm.name, state, "migrate")
+        incoming = _take_ticket(ticket, vm.name)  # used once, whatever comes of it
+        started = time.monotonic()
+        await _copy_memory(source, progress)
+        if source.migration_error is not None:
+            raise source.migration_error
+        with _destination(incoming) as destination, _both_locked(source, destination):
+            switched = time.monotonic()
+            moved = _switch_over(source, destination, vm_id, incoming, self._user())
+            downtime_ms = (time.monotonic() - switched) * 1000
+        return {
+            "vm": moved.name,
+            "mode": incoming.mode,
+            "downtime_ms": downtime_ms,
+            "total_ms": (time.monotonic() - started) * 1000,
+            "transferred_bytes": moved.memory_mib << 20,
+            "destination": ticket.address,
+        }
+
 
 def _check_new_name(host: FakeHost, name: str) -> None:
     if not name:
@@ -686,6 +792,91 @@ def _snapshot(vm: FakeVm, snapshot_id: str) -> FakeSnapshot:
 
 def _current(record: SnapshotRecord, vm: FakeVm) -> SnapshotRecord:
     return replace(record, current=record.id == vm.current_snapshot)
+
+
+# --- Live migration's helpers ---------------------------------------------------------
+
+
+def _migration_mode(
+    host: FakeHost, spec: dict[str, Any], options: MigrationOptions
+) -> tuple[str, str | None]:
+    """``shared`` where ``host`` has every datastore of the VM (the same paths, for a fake),
+    else ``mirror`` to ``options.datastore`` or the host's first one."""
+    names = [d.name for d in host.datastores]
+    if options.datastore is not None and options.datastore not in names:
+        raise InvalidArgument("datastore", f"{host.address} has no datastore {options.datastore!r}")
+    if all(d in names for d in spec.get("datastores", [])):
+        return "shared", None
+    if not names:
+        raise InvalidArgument("datastore", f"{host.address} has no datastore for the disks")
+    return "mirror", options.datastore or names[0]
+
+
+def _take_ticket(ticket: MigrationTicket, name: str) -> _Incoming:
+    """The incoming migration ``ticket`` stands for, for the VM ``name``; it is then
+    forgotten (a ticket lets one VM in, once)."""
+    with _hosts_lock:
+        incoming = _incoming.get(ticket.token)
+        if (
+            incoming is None
+            or (incoming.id, incoming.destination) != (ticket.id, ticket.address)
+            or incoming.name != name
+        ):
+            raise InvalidArgument("ticket", f"{ticket.address} expects no vm {name!r} with it")
+        del _incoming[ticket.token]
+    return incoming
+
+
+async def _copy_memory(source: FakeHost, progress: MigrationProgress | None) -> None:
+    """What copying the memory looks like: ``MIGRATION_STEPS`` steps over ``migration_s``."""
+    for step in range(MIGRATION_STEPS):
+        if progress is not None:
+            progress(step * 100 // MIGRATION_STEPS, f"copying memory ({step}/{MIGRATION_STEPS})")
+        await asyncio.sleep(source.migration_s / MIGRATION_STEPS)
+
+
+@contextlib.contextmanager
+def _destination(incoming: _Incoming) -> Iterator[FakeHost]:
+    """The host that is receiving, if it still answers."""
+    with _hosts_lock:
+        host = _hosts.get(incoming.destination)
+    if host is None or not host.reachable:
+        raise Unreachable(f"{incoming.destination}: the destination does not answer")
+    yield host
+
+
+@contextlib.contextmanager
+def _both_locked(first: FakeHost, second: FakeHost) -> Iterator[None]:
+    """Both hosts' locks, always taken in the same order (two migrations in opposite
+    directions do not wait for each other forever)."""
+    ordered = sorted((first, second), key=lambda h: h.address)
+    with ordered[0].lock, ordered[1].lock:
+        yield
+
+
+def _switch_over(
+    source: FakeHost, destination: FakeHost, vm_id: str, incoming: _Incoming, user: str | None
+) -> FakeVm:
+    """The VM stops here and runs there (same id, snapshots along), as both hosts say."""
+    vm = source.vm(vm_id)
+    if vm.power_state != PowerState.RUNNING:
+        raise InvalidState(vm.name, vm.power_state.value, "migrate")
+    _check_new_name(destination, vm.name)
+    del source.vms[vm_id]
+    if incoming.mode == "mirror" and incoming.datastore is not None:
+        vm.datastores = (incoming.datastore,)
+    destination.vms[vm_id] = vm
+    source.emit(
+        ChangeEvent(
+            ChangeKind.VM_REMOVED,
+            f"{vm.name}: migrated to {destination.name}",
+            vm_id,
+            peer_kind="vm.migrated",
+            user=user,
+        )
+    )
+    destination.emit_vm(vm, "vm.migrated", f"{vm.name}: migrated from {source.name}", user)
+    return vm
 
 
 PROVIDER = FakeProvider

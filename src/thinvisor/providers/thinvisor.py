@@ -46,6 +46,7 @@ from thinvisor.errors import (
     CertificateMismatch,
     CredentialsRefused,
     InvalidArgument,
+    InvalidState,
     NotFound,
     ProviderError,
     ThinvisorError,
@@ -62,6 +63,9 @@ from thinvisor.providers.base import (
     DatastoreRecord,
     HostRecord,
     InventorySnapshot,
+    MigrationOptions,
+    MigrationProgress,
+    MigrationTicket,
     NetworkRecord,
     PowerAction,
     PowerState,
@@ -78,6 +82,7 @@ REQUEST_TIMEOUT_S = 60.0
 PING_TIMEOUT_S = 5.0
 TASK_POLL_MAX_S = 0.25
 SHUTDOWN_ASKED_S = 1.0  # how long a shutdown task is watched for an immediate refusal
+MIGRATION_CANCEL_S = 30.0  # how long a cancelled migration is given to stop on its host
 SERIAL_PORT = "serial0"
 _FINISHED = ("success", "error")
 _CLOSE_DROPPED = 1013  # the agent dropped the stream's subscriber: it fell behind
@@ -104,6 +109,11 @@ Json = dict[str, Any]
 def vm_path(name: str, *parts: str) -> str:
     """The API path of a VM, or of something under it."""
     return "/".join(["/vms", *(quote(p, safe="") for p in (name, *parts))])
+
+
+def task_path(task_id: str, *parts: str) -> str:
+    """The API path of a task, or of an action on it."""
+    return "/".join(["/tasks", quote(task_id, safe=""), *parts])
 
 
 def auth_header(username: str | None, password: str | None) -> dict[str, str]:
@@ -196,14 +206,28 @@ def create_body(spec: CreateVm) -> Json:
 class AgentApi:
     """Requests to one agent, with its errors translated into thinvisor's."""
 
-    def __init__(self, address: str, base: str, headers: dict[str, str], fingerprint: str | None):
+    def __init__(
+        self,
+        address: str,
+        base: str,
+        headers: dict[str, str],
+        fingerprint: str | None,
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ):
         self.address = address
         self.base = base
         self.headers = headers
         self.tls: PinnedContext | None = (
             pinned_context(fingerprint) if base.startswith("https:") else None
         )
+        self._transport = transport  # None: the network (tests pass their own)
         self._client: httpx.AsyncClient | None = None
+
+    @property
+    def host(self) -> str:
+        """The agent's host name or IP address, as the center reaches it."""
+        return httpx.URL(self.base).host
 
     @property
     def client(self) -> httpx.AsyncClient:
@@ -214,6 +238,7 @@ class AgentApi:
                 verify=self.tls or True,
                 timeout=httpx.Timeout(REQUEST_TIMEOUT_S, connect=CONNECT_TIMEOUT_S),
                 trust_env=False,
+                transport=self._transport,
             )
         return self._client
 
@@ -264,23 +289,46 @@ class AgentApi:
             return await self.wait_task(response.json())
         return response.json() if response.content else None
 
-    async def wait_task(self, task: Json, *, limit: float | None = None) -> Any:
+    async def wait_task(
+        self,
+        task: Json,
+        *,
+        limit: float | None = None,
+        progress: MigrationProgress | None = None,
+    ) -> Any:
         """A task's result once it succeeded; its error raised once it failed. With
         ``limit``, give up waiting after that many seconds (the task goes on): None."""
+        done = await self.finished_task(task, limit=limit, progress=progress)
+        if done is None:
+            return None
+        if done["state"] == "error":
+            error = done.get("error") or {}
+            message = str(error.get("message", f"task {done['kind']} failed"))
+            raise self._translated(error_from(str(error.get("error")), message))
+        return done.get("result")
+
+    async def finished_task(
+        self,
+        task: Json,
+        *,
+        limit: float | None = None,
+        progress: MigrationProgress | None = None,
+    ) -> Json | None:
+        """The task once it finished, asked about again and again (``progress`` told
+        how far it is each time); None once ``limit`` seconds passed, where given."""
         loop = asyncio.get_running_loop()
         deadline = None if limit is None else loop.time() + limit
         delay = 0.02
-        while task["state"] not in _FINISHED:
+        while True:
+            if progress is not None:
+                progress(int(task.get("progress") or 0), str(task.get("message") or ""))
+            if task["state"] in _FINISHED:
+                return task
             if deadline is not None and loop.time() >= deadline:
                 return None
             await asyncio.sleep(delay)
             delay = min(delay * 2, TASK_POLL_MAX_S)
-            task = (await self.call("GET", f"/tasks/{quote(task['id'], safe='')}")).json()
-        if task["state"] == "error":
-            error = task.get("error") or {}
-            message = str(error.get("message", f"task {task['kind']} failed"))
-            raise self._translated(error_from(str(error.get("error")), message))
-        return task.get("result")
+            task = (await self.call("GET", task_path(task["id"]))).json()
 
     def transport_error(
         self, exc: httpx.TransportError | OSError | InvalidHandshake
@@ -545,6 +593,83 @@ class ThinvisorProvider(Provider):
             headers=dict(self.api.headers),
             fingerprint=self.api.tls.pinned if self.api.tls is not None else None,
         )
+
+    # --- Live migration ---
+
+    async def migration_spec(self, vm_id: str) -> dict[str, Any]:
+        vm: Json = await self.api.json("GET", vm_path(vm_id))
+        spec: Json | None = vm.get("spec")
+        if spec is None:  # its vm.toml cannot be read: nothing to send
+            raise InvalidState(vm["name"], vm["state"], "migrate")
+        return spec
+
+    async def prepare_incoming(
+        self, spec: dict[str, Any], options: MigrationOptions
+    ) -> MigrationTicket:
+        body = {"vm": spec, "mode": "auto", "datastore": options.datastore}
+        answer: Json = await self.api.json("POST", "/migrations/incoming", body=body)
+        return MigrationTicket(
+            id=str(answer["id"]),
+            token=str(answer["token"]),
+            address=self.api.host,
+            port=int(answer["port"]),
+            fingerprint=str(answer["fingerprint"]),
+            mode=str(answer["mode"]),
+        )
+
+    async def migrate(
+        self,
+        vm_id: str,
+        ticket: MigrationTicket,
+        options: MigrationOptions,
+        progress: MigrationProgress | None = None,
+    ) -> dict[str, Any]:
+        # Shielded: a cancel while the request is on its way must still learn the
+        # task it started, to cancel that.
+        body = migrate_body(ticket, options)
+        sent = asyncio.ensure_future(self.api.call("POST", vm_path(vm_id, "migrate"), body=body))
+        task: Json | None = None
+        try:
+            task = (await asyncio.shield(sent)).json()
+            result: dict[str, Any] = await self.api.wait_task(task, progress=progress)
+        except asyncio.CancelledError:
+            done = await self._abort(task if task is not None else sent)
+            if done is None or done["state"] != "success":
+                raise
+            # It finished before the cancel reached it: the VM is there, so say that.
+            current = asyncio.current_task()
+            if current is not None:
+                current.uncancel()
+            result = done.get("result") or {}
+        return result
+
+    async def _abort(self, started: Json | asyncio.Future[httpx.Response]) -> Json | None:
+        """Cancel a migration's task on the agent (``started``: the task, or the request
+        that is starting it) and wait a while for it to end; the task once ended, None if
+        there is none or the agent does not say."""
+        try:
+            async with asyncio.timeout(MIGRATION_CANCEL_S):
+                task: Json = started if isinstance(started, dict) else (await started).json()
+                with contextlib.suppress(ThinvisorError):  # it finished already, say
+                    await self.api.call("POST", task_path(task["id"], "cancel"))
+                task = (await self.api.call("GET", task_path(task["id"]))).json()
+                return await self.api.finished_task(task)
+        except (ThinvisorError, TimeoutError):
+            return None
+
+
+def migrate_body(ticket: MigrationTicket, options: MigrationOptions) -> Json:
+    """The ``POST /vms/{name}/migrate`` body that sends a VM where ``ticket`` says."""
+    return {
+        "address": ticket.address,
+        "port": ticket.port,
+        "fingerprint": ticket.fingerprint,
+        "token": ticket.token,
+        "mode": ticket.mode,
+        "downtime_ms": options.downtime_ms,
+        "auto_converge": options.auto_converge,
+        "bandwidth_mib_s": options.bandwidth_mib_s,
+    }
 
 
 def _require_device(vm: str, what: str, names: Sequence[str], name: str) -> None:

@@ -16,6 +16,10 @@ no-access user granted operator on one folder, say) is shown:
 
 At most ``SCAN`` events are looked through per request for such a user; a page may so
 hold fewer than ``limit`` events while more follow.
+
+Cancelling a task (a migration: the only tasks that may be) needs the configure
+permission on its object, on every object at its path (VMs' names may repeat on a host),
+or where none is there any more on the nearest one above it.
 """
 
 from __future__ import annotations
@@ -29,12 +33,12 @@ from thinvisor.api.auth import authenticate_ws
 from thinvisor.api.errors import ERROR_RESPONSES
 from thinvisor.api.events import EventOut, event_out, serve_stream
 from thinvisor.api.tasks import TaskOut, task_out
-from thinvisor.auth import User
+from thinvisor.auth import Permission, User
 from thinvisor.center.agent import CenterAgent
-from thinvisor.center.api.access import Caller, center_of, in_thread, visible_ids
+from thinvisor.center.api.access import Caller, center_of, check, in_thread, visible_ids
 from thinvisor.center.inventory import path_segment
 from thinvisor.center.models import NodeKind
-from thinvisor.errors import NotFound
+from thinvisor.errors import InvalidArgument, NotFound
 from thinvisor.host.events import Event, SubscriptionDropped
 from thinvisor.host.tasks import Task
 
@@ -144,6 +148,44 @@ async def get_task(task_id: str, request: Request, user: Caller) -> TaskOut:
         return task
 
     return task_out(await in_thread(read))
+
+
+@router.post("/tasks/{task_id}/cancel", tags=["tasks"], response_model=TaskOut, status_code=202)
+async def cancel_task(task_id: str, request: Request, user: Caller) -> TaskOut:
+    """Cancel a running task that can be (``cancellable``: a migration, until the VM has
+    switched over): it undoes what it did and ends as ``cancelled``; follow it with
+    ``GET /tasks/{id}``. 404 if the user is not shown it, 403 without configure on its
+    object, 409 if it cannot be cancelled or has finished."""
+    agent = center_of(request)
+
+    def read() -> Task:
+        task = agent.tasks.get(task_id)
+        if not Sight(agent, user).task(task):
+            raise NotFound(f"task {task_id!r} does not exist")  # the message of a missing one
+        for node_id in _objects_at(agent, task.object):
+            check(agent, user, node_id, Permission.CONFIGURE)
+        return task
+
+    task = await in_thread(read)
+    return task_out(agent.tasks.cancel(task.id))
+
+
+def _objects_at(agent: CenterAgent, path: str | None) -> list[int | None]:
+    """The ids of the objects at ``path``, or where there is none of the nearest object
+    above it; ``[None]`` (the root) where there is none at all."""
+    segments = [] if path is None else path.strip("/").split("/")
+    while segments:
+        here = "/" + "/".join(segments)
+        try:
+            parent = None if len(segments) == 1 else agent.inventory.resolve(here.rsplit("/", 1)[0])
+            siblings = agent.inventory.children(None if parent is None else parent.id)
+        except (NotFound, InvalidArgument):
+            siblings = []
+        found: list[int | None] = [n.id for n in siblings if n.path == here]
+        if found:
+            return found
+        segments.pop()
+    return [None]
 
 
 @router.get("/events", tags=["events"], response_model=list[EventOut])

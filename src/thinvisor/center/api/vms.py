@@ -4,7 +4,8 @@ snapshotted through the center.
 Operations answer 202 with a task (``/tasks/{id}``) once they are checked: the VM exists,
 the user may do it there, its host is connected (else 409 ``disconnected``) and its
 provider can (else 409 ``unsupported``). Power actions need the power permission on the
-VM; creating, cloning, changing, deleting and snapshots need configure.
+VM; creating, cloning, changing, deleting and snapshots need configure; a live migration
+needs configure on the VM and on the host it goes to.
 """
 
 from __future__ import annotations
@@ -33,7 +34,13 @@ from thinvisor.center.inventory import Node, VmRow
 from thinvisor.center.models import NodeKind
 from thinvisor.errors import InvalidArgument
 from thinvisor.model.base import StrictModel
-from thinvisor.providers.base import CreateVm, PowerAction, PowerState, Reconfigure
+from thinvisor.providers.base import (
+    CreateVm,
+    MigrationOptions,
+    PowerAction,
+    PowerState,
+    Reconfigure,
+)
 
 router = APIRouter(prefix="/vms", tags=["vms"], responses=ERROR_RESPONSES)
 
@@ -79,6 +86,22 @@ class CloneIn(StrictModel):
 class VmChange(StrictModel):
     cpus: int | None = Field(default=None, ge=1)
     memory_mib: int | None = Field(default=None, ge=1)
+
+
+class MigrateIn(StrictModel):
+    host: NodeRef
+    """The host to move it to: its id, or its path."""
+    datastore: str | None = None
+    """The destination's datastore for its disks where they must be copied (the
+    destination does not see them where they are); default: its default one."""
+    downtime_ms: int = Field(
+        default=300, ge=10, le=10_000, description="the longest pause of the VM when it switches"
+    )
+    auto_converge: bool = True
+    """Slow the VM's CPUs down where its memory changes faster than it is copied."""
+    bandwidth_mib_s: int | None = Field(
+        default=None, ge=1, le=100_000, description="the most the copy may use; default: no limit"
+    )
 
 
 class SnapshotIn(StrictModel):
@@ -224,6 +247,30 @@ async def delete_vm(vm_id: int, request: Request, user: Caller) -> JSONResponse:
     """Delete a stopped VM and its disks on its host."""
     await _vm(request, user, vm_id, Permission.CONFIGURE)
     return accepted_task(await center_of(request).service.delete_vm(vm_id, user=user.name))
+
+
+@router.post("/{vm_id}/migrate", status_code=202, response_model=None, responses=ACCEPTED)
+async def migrate_vm(vm_id: int, body: MigrateIn, request: Request, user: Caller) -> JSONResponse:
+    """Live-migrate a running VM to another host of the same provider kind. The task may
+    be cancelled (``POST /tasks/{id}/cancel``) until the VM switches over; the VM then
+    keeps running where it was."""
+    await _vm(request, user, vm_id, Permission.CONFIGURE)
+    agent = center_of(request)
+
+    def destination() -> Node:
+        host = _host_node(agent, user, body.host)
+        check(agent, user, host.id, Permission.CONFIGURE)
+        return host
+
+    host = await in_thread(destination)
+    options = MigrationOptions(
+        downtime_ms=body.downtime_ms,
+        auto_converge=body.auto_converge,
+        bandwidth_mib_s=body.bandwidth_mib_s,
+        datastore=body.datastore,
+    )
+    task = await agent.service.migrate_vm(vm_id, host.id, options, user=user.name)
+    return accepted_task(task)
 
 
 @router.get("/{vm_id}/snapshots", response_model=list[SnapshotOut])
