@@ -164,6 +164,14 @@ class ReservationConfig(StrictModel):
     host_memory_mib: int = Field(default=1024, ge=0)
 
 
+class HaConfig(StrictModel):
+    """High availability's host side (``thinvisor.host.ha``): this host's heartbeat on
+    every datastore, which the center and the other hosts read to tell whether it lives."""
+
+    # Seconds between two heartbeat writes; a write taking longer counts as failed.
+    heartbeat_interval_s: float = Field(default=1.0, ge=0.1, le=60)
+
+
 class HostConfig(StrictModel):
     """Where things live and how VMs are run on this host."""
 
@@ -186,6 +194,7 @@ class HostConfig(StrictModel):
     stats: StatsConfig = Field(default_factory=StatsConfig)
     isolation: IsolationConfig = Field(default_factory=IsolationConfig)
     migration: MigrationConfig = Field(default_factory=MigrationConfig)
+    ha: HaConfig = Field(default_factory=HaConfig)
 
     @field_validator("datastores")
     @classmethod

@@ -19,6 +19,7 @@ from thinvisor.api import (
     datastores,
     errors,
     events,
+    ha,
     host,
     migrations,
     networks,
@@ -90,6 +91,7 @@ def create_app(agent: HostAgent, *, start_agent: bool = True) -> FastAPI:
         consoles,
         stats,
         migrations,
+        ha,
     )
     app = agent_app(agent, "thinvisor host API", routers, start_agent=start_agent)
     # Where Prometheus looks by default, outside the versioned API.

@@ -1,4 +1,4 @@
-"""``/health`` and ``/host``: is the agent up, and what is this host."""
+"""``/health`` and ``/host``: is the agent up, what is this host, and its maintenance mode."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from thinvisor import __version__
 from thinvisor.api.auth import agent_of, require
@@ -20,6 +20,7 @@ from thinvisor.api.tasks import ACCEPTED, accepted
 from thinvisor.auth import Permission, User
 from thinvisor.host import hostinfo
 from thinvisor.host.tasks import Progress
+from thinvisor.model.base import StrictModel
 
 router = APIRouter(tags=["host"], responses=ERROR_RESPONSES)
 
@@ -53,6 +54,16 @@ class HostInfo(BaseModel):
     datastores: list[DatastoreSummary]
     tls_fingerprint: str | None
     vms: dict[str, int]
+    host_id: str = Field(description="what the owner files of this host's VMs name")
+    maintenance: bool
+
+
+class MaintenanceState(BaseModel):
+    maintenance: bool
+
+
+class MaintenanceChange(StrictModel):
+    maintenance: bool = Field(description="true: enter maintenance mode; false: leave it")
 
 
 class ShutdownResult(BaseModel):
@@ -108,7 +119,29 @@ async def host_info(
         datastores=[_datastore(d.name, str(d.path)) for d in agent.config.all_datastores()],
         tls_fingerprint=agent.tls_fingerprint,
         vms=states,
+        host_id=agent.service.inventory.host_id,
+        maintenance=agent.maintenance.active,
     )
+
+
+@router.get("/host/maintenance", response_model=MaintenanceState)
+async def get_maintenance(
+    request: Request, user: Annotated[User, Depends(require(Permission.READ))]
+) -> MaintenanceState:
+    """Whether the host is in maintenance mode."""
+    return MaintenanceState(maintenance=agent_of(request).maintenance.active)
+
+
+@router.post("/host/maintenance", response_model=MaintenanceState)
+async def set_maintenance(
+    body: MaintenanceChange,
+    request: Request,
+    user: Annotated[User, Depends(require(Permission.ADMIN))],
+) -> MaintenanceState:
+    """Enter or leave maintenance mode. Entering is refused (409) while a VM runs or
+    is paused: move or stop them first. In maintenance mode no VM powers on, resumes
+    or arrives by migration."""
+    return MaintenanceState(maintenance=await agent_of(request).maintenance.set(body.maintenance))
 
 
 @router.post("/host/shutdown", status_code=202, response_model=None, responses=ACCEPTED)

@@ -2,8 +2,10 @@
 
 It owns the service, the event log, the tasks and the users; it starts the autostart
 VMs, and it watches running VMs so that a guest that powers itself off or a QEMU that
-dies becomes an event. VMs are separate processes: the agent stopping or restarting
-touches none of them, and a new agent finds them again.
+dies becomes an event. It keeps the host's HA side running (``thinvisor.host.ha``: the
+datastore heartbeats, the watchdog) and its maintenance mode. VMs are separate
+processes: the agent stopping or restarting touches none of them, and a new agent finds
+them again.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from thinvisor.errors import ThinvisorError
 from thinvisor.host import memory, ovf_io, snapshots
 from thinvisor.host.engine import process
 from thinvisor.host.events import EventLog
+from thinvisor.host.ha import HighAvailability
+from thinvisor.host.maintenance import Maintenance
 from thinvisor.host.migration import MigrationService
 from thinvisor.host.service import HostService
 from thinvisor.host.stats import StatsSampler
@@ -52,6 +56,8 @@ class HostAgent:
         # Live migration: the server binds the migration port and sets these.
         self.migration: MigrationService | None = None
         self.migration_listener: tuple[socket.socket, Path, Path] | None = None
+        self.maintenance = Maintenance(self.service, self.events)
+        self.ha = HighAvailability(self.service, self.events)
 
     @property
     def users(self) -> UserStore:
@@ -99,6 +105,8 @@ class HostAgent:
         await self._take_memory_and_cgroups()
         if self.migration is not None and self.migration_listener is not None:
             await self.migration.start(*self.migration_listener)
+        self._background.append(asyncio.create_task(self.ha.writer.run(), name="heartbeats"))
+        self._background.append(asyncio.create_task(self.ha.watch(), name="ha-watchdog"))
         self._background.append(asyncio.create_task(self._watch(), name="vm-watcher"))
         self._background.append(asyncio.create_task(self._rebalance(), name="balloons"))
         self._background.append(asyncio.create_task(self.stats.run(), name="stats-sampler"))
@@ -123,8 +131,12 @@ class HostAgent:
         self.events.emit("agent.stopped", "host agent stopped; VMs keep running")
 
     async def autostart(self) -> list[str]:
-        """Start the autostart VMs in their order, ``autostart_delay_s`` apart."""
+        """Start the autostart VMs in their order, ``autostart_delay_s`` apart (none
+        in maintenance mode, as on ESXi)."""
         started: list[str] = []
+        if self.maintenance.active:
+            log.info("in maintenance mode: no VM is started automatically")
+            return started
         for name in self.autostart_order():
             vm = await self.service.get_vm(name)
             if vm.state not in ("stopped", "suspended"):
@@ -195,6 +207,8 @@ class HostAgent:
             try:
                 for spec in self._check_vms():
                     await self.service.vm_gone(spec)
+                # Another host took a VM over that still runs here: it must not run twice.
+                await self.ha.fence_foreign(self._running)
                 if rounds % SUPERVISE_EVERY == 0:
                     await self.service.network.supervise()
             except Exception:

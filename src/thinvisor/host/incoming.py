@@ -43,6 +43,7 @@ from thinvisor.host.engine.paths import CONFIG_NAME, VmPaths
 from thinvisor.host.engine.qmp import Monitor
 from thinvisor.host.engine.tunnel import Stream, TunnelError
 from thinvisor.host.inventory import VmEntry, load_spec, owner_of, save_spec, set_owner
+from thinvisor.host.maintenance import check_not_in_maintenance
 from thinvisor.model.base import StrictModel
 from thinvisor.model.vm import KernelBoot, VmSpec, validate
 
@@ -136,6 +137,7 @@ class IncomingMigrations:
         """Check that ``req``'s VM can come here; its ticket (nothing made yet but a record)."""
         spec = validate(VmSpec, req.vm)
         service = self.service
+        check_not_in_maintenance(service.config.state_dir, f"vm {spec.name!r}: cannot migrate here")
         if service.inventory.find(spec.name) is not None:
             raise AlreadyExists(f"vm {spec.name!r} already exists on this host")
         if any(i.spec.name == spec.name for i in self._by_token.values()):

@@ -51,6 +51,7 @@ from thinvisor.host.inventory import (
     set_owner,
 )
 from thinvisor.host.isolation import Isolation
+from thinvisor.host.maintenance import check_not_in_maintenance
 from thinvisor.host.networking import NetworkService, close_fds
 from thinvisor.host.resources import ResourceControls
 from thinvisor.host.state import (
@@ -573,6 +574,8 @@ class HostService:
     async def _launch(
         self, entry: VmEntry, spec: VmSpec, *, incoming: bool, paused: bool = False
     ) -> None:
+        # Every way QEMU starts comes here: power on, resume, a snapshot's memory, arrival.
+        check_not_in_maintenance(self.config.state_dir, f"vm {spec.name!r}: cannot power on")
         self._admit(spec)
         accel = self.accel()
         log.info("vm %s: starting QEMU with %s (%s)", spec.name, accel.name, accel.reason)
@@ -674,8 +677,9 @@ class HostService:
             await self._force_off(entry, failure)
             raise
 
-    async def stop(self, name: str) -> VmInfo:
-        """Hard power off (a suspended VM's saved state is discarded)."""
+    async def stop(self, name: str, *, reason: str | None = None) -> VmInfo:
+        """Hard power off (a suspended VM's saved state is discarded); ``reason`` is the
+        stop reason the VM shows afterwards (default: the user's)."""
         async with self.inventory.lock(name):
             entry, _, state = await self._locked_state(name, Action.STOP)
             if state is PowerState.SUSPENDED:
@@ -683,8 +687,8 @@ class HostService:
                 fsync_dir(entry.paths.vm_dir)
                 self.emit("vm.powered_off", name, "powered off; its suspended state discarded")
             else:
-                await self._force_off(entry, "powered off by user")
-                self.emit("vm.powered_off", name, "powered off")
+                await self._force_off(entry, reason or "powered off by user")
+                self.emit("vm.powered_off", name, reason or "powered off")
         return await self.get_vm(name)
 
     async def _force_off(self, entry: VmEntry, reason: str) -> None:
