@@ -54,6 +54,15 @@ class TestHost:
         self.datastore.mkdir()
         self.service = HostService(self.config)
 
+    def add_datastore(self, name: str, path: Path) -> None:
+        """One more datastore in host.toml (another host's too, when they share it)."""
+        with self.config_file.open("a") as f:
+            f.write(f'[[datastores]]\nname = "{name}"\npath = "{path}"\n')
+        data = self.config.model_dump()
+        data["datastores"].append({"name": name, "path": path})
+        self.config = HostConfig.model_validate(data)
+        self.service = HostService(self.config)
+
     def run(self, coro: Any) -> Any:
         return asyncio.run(coro)
 
@@ -85,7 +94,13 @@ class TestHost:
         return data
 
     def create(
-        self, name: str = "vm1", *, start: bool = True, disk_mib: int = 0, **fields: Any
+        self,
+        name: str = "vm1",
+        *,
+        start: bool = True,
+        disk_mib: int = 0,
+        datastore: str | None = None,
+        **fields: Any,
     ) -> VmInfo:
         """An appliance VM created through the service, started unless told not to."""
         spec = VmSpec.model_validate(
@@ -103,6 +118,7 @@ class TestHost:
             }
         )
         options = CreateOptions(
+            datastore=datastore,
             kernel_source=self.appliance.kernel,
             initrd_source=self.appliance.initrd,
             new_disks=[NewDisk(size=disk_mib << 20)] if disk_mib else [],

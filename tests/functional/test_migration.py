@@ -1,0 +1,246 @@
+"""Live migration through the center, between thinvisor hosts in their own network
+namespaces: on a datastore directory all three share, and between their own datastores
+(the disks mirrored while the guest runs); and what a destination dying mid-way leaves.
+
+The guests prove it: each numbers sectors of its disk, one every 100 ms, with its uptime
+beside the number, while it moves. Afterwards the destination's disk must hold every
+number once, in order, with a growing uptime: no write lost, none repeated, no reboot.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.peers.lab import Lab
+from thinvisor.appliance import Appliance
+from thinvisor.host.inventory import Inventory
+
+from .centerenv import LabAgent, LabCenter
+from .hostenv import TestHost
+
+pytestmark = pytest.mark.functional
+
+SECTOR = 512
+#: The guest's writer: sector i holds "i <uptime>"; /tmp/count the last i (renamed into
+#: place, so that a reader never sees it half written).
+WRITER = (
+    "(i=0; while [ ! -e /tmp/stop ]; do i=$((i+1)); "
+    'echo "$i $(cut -d" " -f1 /proc/uptime)" | dd of=/dev/vda bs=512 seek=$i conv=fsync '
+    "2>/dev/null; echo $i > /tmp/count.new; mv /tmp/count.new /tmp/count; sleep 0.1; "
+    "done) >/dev/null 2>&1 & true"
+)
+
+
+@dataclass
+class Site:
+    lab: Lab
+    agents: list[LabAgent]
+    center: LabCenter
+    shared: Path
+
+    def agent(self, n: int) -> LabAgent:
+        return self.agents[n - 1]
+
+
+@pytest.fixture(scope="module")
+def site(appliance: Appliance) -> Iterator[Site]:
+    """Three hosts in cluster /dc/cl, each with its own datastore ``local`` and the
+    datastore ``shared`` they all see; the VMs the tests move, made beforehand."""
+    lab = Lab()
+    shared = Path(tempfile.mkdtemp(prefix="tvshared", dir="/tmp"))
+    with ExitStack() as stack:
+        stack.callback(shutil.rmtree, shared, True)
+        stack.callback(lab.close)
+        agents = []
+        for _ in range(3):
+            host = TestHost(appliance)
+            stack.callback(host.close)
+            agent = LabAgent(host, lab.add_node())
+            stack.callback(agent.close)
+            host.add_datastore("shared", shared)
+            agents.append(agent)
+        h1 = agents[0].host
+        h1.create("counter", start=False, disk_mib=16, datastore="shared")
+        h1.create("mirrored", start=False, disk_mib=16)
+        h1.create("victim", start=False, disk_mib=16)
+        with ThreadPoolExecutor(len(agents)) as pool:
+            list(pool.map(LabAgent.start, agents))
+        center = LabCenter(lab.center)
+        stack.callback(center.close)
+        center.start()
+        center.login()
+        center.cli("datacenter", "create", "dc")
+        center.cli("cluster", "create", "/dc", "cl")
+        password = str(center.password_file)
+        for n, agent in enumerate(agents, 1):
+            center.cli("host", "add", agent.url, "--provider", "thinvisor", "--parent", "/dc/cl",
+                       "--user", "admin", "--password-file", password,
+                       "--fingerprint", agent.fingerprint, "--name", f"host{n}")  # fmt: skip
+        yield Site(lab, agents, center, shared)
+
+
+def _start_writing(site: Site, vm: str) -> None:
+    agent = site.agent(1)
+    before = agent.host.serial_log(vm).count(b"THINVISOR-APPLIANCE-READY")
+    site.center.cli("vm", "start", f"/dc/cl/host1/{vm}")
+    agent.host.wait_ready(vm, count=before + 1)
+    agent.host.sh(vm, WRITER)
+    _wait_count(agent, vm, 5)
+
+
+def _count(agent: LabAgent, vm: str) -> int:
+    return int(agent.host.sh(vm, "cat /tmp/count 2>/dev/null || echo 0").strip())
+
+
+def _uptime(agent: LabAgent, vm: str) -> float:
+    return float(agent.host.sh(vm, "cut -d' ' -f1 /proc/uptime").strip())
+
+
+def _wait_count(agent: LabAgent, vm: str, at_least: int) -> int:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        count = _count(agent, vm)
+        if count >= at_least:
+            return count
+        time.sleep(0.2)
+    raise AssertionError(f"{vm}: the guest's counter did not reach {at_least}")
+
+
+def _migrate(site: Site, vm: str, to: str, *args: str, code: int = 0) -> Any:
+    if code:
+        return site.center.cli("vm", "migrate", vm, to, *args, code=code)
+    return site.center.json("vm", "migrate", vm, to, *args)
+
+
+def _stop_and_check_disk(agent: LabAgent, vm: str) -> int:
+    """Stop the writer and the VM; check its disk holds 1..n in order with a growing
+    uptime; n."""
+    agent.host.sh(vm, "touch /tmp/stop; sleep 0.5")
+    count = _count(agent, vm)
+    agent.host.run(agent.host.service.stop(vm))
+    entry = Inventory(agent.host.config).get(vm)
+    assert entry.spec is not None
+    data = _raw(agent.host, entry.paths.resolve(entry.spec.disks[0].path))
+    uptimes = []
+    for i in range(1, count + 1):
+        line = data[i * SECTOR : (i + 1) * SECTOR].split(b"\n", 1)[0].decode()
+        number, uptime = line.split()
+        assert int(number) == i, f"sector {i} holds {line!r}"
+        uptimes.append(float(uptime))
+    assert uptimes == sorted(uptimes), "the guest's uptime went back: it restarted"
+    return count
+
+
+def _alive(pid: int) -> bool:
+    """Whether the process runs (a zombie not yet reaped by init does not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def _raw(host: TestHost, image: Path) -> bytes:
+    import subprocess
+
+    raw = host.root / "check.raw"
+    subprocess.run(["qemu-img", "convert", "-O", "raw", str(image), str(raw)], check=True)
+    try:
+        return raw.read_bytes()
+    finally:
+        raw.unlink()
+
+
+def test_live_migration_on_shared_storage_loses_no_write(site: Site) -> None:
+    _start_writing(site, "counter")
+    source, dest = site.agent(1), site.agent(2)
+    uptime_before = _uptime(source, "counter")
+    count_before = _count(source, "counter")
+    source_pid = source.host.pid("counter")
+
+    result = _migrate(site, "/dc/cl/host1/counter", "host2")
+
+    assert result["mode"] == "shared"
+    assert result["downtime_ms"] < 1000
+    assert source_pid is not None and not _alive(source_pid)
+    assert Inventory(source.host.config).find("counter") is None
+    assert dest.host.pid("counter") is not None
+    # The guest goes on counting where it was, and has not rebooted.
+    assert _wait_count(dest, "counter", count_before + 10) > count_before
+    assert _uptime(dest, "counter") > uptime_before
+    vms = {vm["name"]: vm for vm in site.center.json("vm", "list")}
+    assert vms["counter"]["path"] == "/dc/cl/host2/counter"
+    assert vms["counter"]["power_state"] == "running"
+    assert _stop_and_check_disk(dest, "counter") > count_before
+
+
+def test_live_migration_mirrors_disks_without_shared_storage(site: Site) -> None:
+    _start_writing(site, "mirrored")
+    source, dest = site.agent(1), site.agent(3)
+    count_before = _count(source, "mirrored")
+    source_dir = Inventory(source.host.config).get("mirrored").paths.vm_dir
+
+    result = _migrate(site, "/dc/cl/host1/mirrored", "host3", "--datastore", "local")
+
+    assert result["mode"] == "mirror"
+    assert result["downtime_ms"] < 1000
+    assert not source_dir.exists()
+    entry = Inventory(dest.host.config).get("mirrored")
+    assert entry.paths.vm_dir.is_relative_to(dest.host.datastore)
+    assert _wait_count(dest, "mirrored", count_before + 10) > count_before
+    # Every block written before and during the move is on the destination's disk.
+    assert _stop_and_check_disk(dest, "mirrored") > count_before
+
+
+def test_a_destination_dying_mid_way_leaves_the_vm_running_on_the_source(site: Site) -> None:
+    _start_writing(site, "victim")
+    source, dest = site.agent(1), site.agent(2)
+    # Memory the guest cannot share as zero pages, sent slowly: the move takes a while.
+    source.host.sh("victim", "dd if=/dev/urandom of=/tmp/fill bs=1M count=40 2>/dev/null")
+    task = site.center.json(
+        "vm", "migrate", "/dc/cl/host1/victim", "host2", "--bandwidth", "4", "--no-wait"
+    )
+    deadline = time.monotonic() + 60
+    while "migrating memory" not in str(_task(site, task["id"]).get("message")):
+        assert time.monotonic() < deadline, "the migration did not reach its memory phase"
+        time.sleep(0.1)
+    dest.kill()
+    try:
+        finished = _wait_task(site, task["id"])
+        assert finished["state"] == "error"
+        count = _count(source, "victim")
+        assert _wait_count(source, "victim", count + 5) > count  # it runs on, at the source
+        assert source.host.pid("victim") is not None
+    finally:
+        dest.start()
+    # The restarted destination threw the half-arrived VM away.
+    assert Inventory(dest.host.config).find("victim") is None
+    assert not (dest.host.config.run_dir / "vms" / "victim" / "qemu.pid").exists()
+    vms = {vm["name"]: vm for vm in site.center.json("vm", "list")}
+    assert vms["victim"]["path"] == "/dc/cl/host1/victim"
+    site.center.cli("vm", "stop", "/dc/cl/host1/victim")
+
+
+def _task(site: Site, task_id: str) -> dict[str, Any]:
+    tasks = site.center.json("tasks", "--limit", "50")
+    return next(t for t in tasks if t["id"] == task_id)
+
+
+def _wait_task(site: Site, task_id: str) -> dict[str, Any]:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        task = _task(site, task_id)
+        if task["state"] in ("success", "error"):
+            return task
+        time.sleep(0.25)
+    raise AssertionError(f"task {task_id} did not finish")
