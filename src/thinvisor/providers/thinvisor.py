@@ -137,6 +137,7 @@ def host_record(host: Json) -> HostRecord:
         version=host["thinvisor_version"],
         cpus=host["cpus"],
         memory_mib=host["memory_total_mib"],
+        maintenance=bool(host.get("maintenance", False)),
     )
 
 
@@ -424,6 +425,12 @@ class EventStream:
             return await self.vm_change(obj.removeprefix("vm/"), event)
         if kind.startswith(RESYNC_KINDS):
             return ChangeEvent(ChangeKind.RESYNC, event["message"], peer_kind=kind, user=user)
+        if kind.startswith("host.maintenance"):
+            host = host_record(await self.api.json("GET", "/host"))
+            message = f"{host.name}: {event['message']}"
+            return ChangeEvent(
+                ChangeKind.HOST_CHANGED, message, host=host, peer_kind=kind, user=user
+            )
         return None
 
     async def vm_change(self, name: str, event: Json) -> ChangeEvent:
@@ -447,7 +454,7 @@ class ThinvisorProvider(Provider):
     """A thinvisor host agent at ``connection.address`` (``https://host:8443``)."""
 
     kind: ClassVar[str] = "thinvisor"
-    capabilities: ClassVar[frozenset[Capability]] = frozenset(Capability) - {Capability.MAINTENANCE}
+    capabilities: ClassVar[frozenset[Capability]] = frozenset(Capability)
 
     def __init__(self, connection: Connection) -> None:
         super().__init__(connection)
@@ -473,6 +480,11 @@ class ThinvisorProvider(Provider):
 
     async def ping(self) -> None:
         await self.api.call("GET", "/health", auth=False, timeout=PING_TIMEOUT_S)
+
+    async def set_maintenance(self, on: bool) -> HostRecord:
+        """Enter (refused while VMs run: the center evacuates first) or leave it."""
+        await self.api.json("POST", "/host/maintenance", body={"maintenance": on})
+        return host_record(await self.api.json("GET", "/host"))
 
     async def snapshot(self) -> InventorySnapshot:
         host, vms, stores, groups = await asyncio.gather(
