@@ -1,5 +1,6 @@
-"""``python -m bench [power] [boot] [api] [density] [--rounds N]``: run the benchmarks named
-(all of them when none is), in that order, and write the report (``bench.report``).
+"""``python -m bench [power] [boot] [api] [density] [migration] [--rounds N]``: run the
+benchmarks named (all of them when none is), in that order, and write the report
+(``bench.report``).
 
 A benchmark that fails is reported as failed and the others still run; the command then
 exits with status 1. Ctrl-C or SIGTERM stops the run: every benchmark cleans up after
@@ -31,7 +32,7 @@ from thinvisor.config import HostConfig
 from thinvisor.host.engine.accel import choose_accel
 from thinvisor.host.hostinfo import host_facts
 
-BENCHMARKS = ("power", "boot", "api", "density")
+BENCHMARKS = ("power", "boot", "api", "density", "migration")
 REPO = Path(__file__).resolve().parent.parent
 
 
