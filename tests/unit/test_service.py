@@ -23,6 +23,7 @@ def service(tmp_path: Path) -> HostService:
         qemu_binary=str(tmp_path / "no-qemu-in-unit-tests"),
         run_dir=tmp_path / "run",
         cache_dir=tmp_path / "cache",
+        state_dir=tmp_path / "state",
         datastores=[
             DatastoreConfig(name="ds1", path=tmp_path / "ds1"),
             DatastoreConfig(name="ds2", path=tmp_path / "ds2"),
