@@ -113,6 +113,7 @@ class Incoming:
     state: str = "prepared"  # prepared, started, committed, aborted
     monitor: Monitor | None = None
     made_dir: bool = False
+    controlled: bool = False  # its one control channel is open
     exports: list[str] = field(default_factory=list)
     expiry: asyncio.TimerHandle | None = None
 
@@ -240,7 +241,8 @@ class IncomingMigrations:
     def channel_ok(incoming: Incoming, channel: str) -> str | None:
         """Why ``channel`` may not open now (None: it may)."""
         if channel == "control":
-            return None if incoming.state == "prepared" else "the control channel is open"
+            ok = incoming.state == "prepared" and not incoming.controlled
+            return None if ok else "the control channel is open"
         if incoming.state != "started":
             return "the migration has not started"
         if channel == "memory" or channel.startswith("disk:"):
@@ -248,6 +250,7 @@ class IncomingMigrations:
         return f"no channel {channel!r}"
 
     async def _control(self, incoming: Incoming, stream: Stream) -> None:
+        incoming.controlled = True
         if incoming.expiry is not None:
             incoming.expiry.cancel()
         try:
