@@ -1046,8 +1046,9 @@ def test_a_running_vm_migrates_through_the_api(
 def test_bad_migration_requests_are_refused_and_change_nothing(
     tmp_path: Path, lab: Callable[..., FakeHost]
 ) -> None:
-    source, target = lab("esx3", vms=["idle"]), lab("esx4")
+    source, target = lab("esx3"), lab("esx4")
     source.add_vm("app", power_state=PowerState.RUNNING)
+    source.add_vm("idle", power_state=PowerState.SUSPENDED)
 
     async def scenario(c: Center) -> None:
         ids = await migration_site(c, source, target)
@@ -1068,7 +1069,7 @@ def test_bad_migration_requests_are_refused_and_change_nothing(
         await refused(400, {"host": "/dc1/prod/esx3"}, "host: /dc1/prod/esx3/app is on ")
         await refused(400, {"host": "/dc1/esx4", "datastore": "nope"},
                       "datastore: /dc1/esx4 has no datastore 'nope'")  # fmt: skip
-        await refused(409, {"host": "/dc1/esx4"}, "vm 'idle': cannot migrate while stopped",
+        await refused(409, {"host": "/dc1/esx4"}, "vm 'idle': cannot migrate while suspended",
                       ids["idle"])  # fmt: skip
         await refused(404, {"host": "/dc1/esx4"}, "no vm with id 999999", 999999)
         assert await c.call("GET", "/tasks", status=200) == []

@@ -1,18 +1,21 @@
-"""Live migration driven by the center's service, between hosts of the fake provider, on
-SQLite and on PostgreSQL: the VM moves and keeps its inventory object, every bad request
-is refused before a task starts, and a failed or cancelled migration leaves the VM
-running where it was, in the inventory as on its host."""
+"""Migration driven by the center's service, between hosts of the fake provider, on
+SQLite and on PostgreSQL: the VM moves (live if it runs, cold if it is stopped) and keeps
+its inventory object, every bad request is refused before a task starts (a rule or too
+little room on the destination too, unless forced), and a failed or cancelled migration
+leaves the VM running where it was, in the inventory as on its host."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
+import httpx
 import pytest
 
 from thinvisor.center.agent import CenterAgent
@@ -22,6 +25,7 @@ from thinvisor.center.service import PREPARED
 from thinvisor.errors import (
     Busy,
     Disconnected,
+    InsufficientResources,
     InvalidArgument,
     InvalidState,
     NotFound,
@@ -31,14 +35,26 @@ from thinvisor.errors import (
 )
 from thinvisor.host.tasks import Task
 from thinvisor.providers import KINDS, open_provider
+from thinvisor.providers import fake as fake_module
 from thinvisor.providers.base import (
     Capability,
+    ChangeEvent,
+    ChangeKind,
     Connection,
     MigrationOptions,
+    MigrationProgress,
+    MigrationTicket,
     PowerAction,
     PowerState,
 )
-from thinvisor.providers.fake import FakeHost, FakeProvider, fake_host, remove_fake_host
+from thinvisor.providers.fake import (
+    FakeHost,
+    FakeProvider,
+    fake_host,
+    get_fake_host,
+    remove_fake_host,
+)
+from thinvisor.providers.thinvisor import AgentApi, ThinvisorProvider
 
 S = PowerState
 WAIT_S = 10.0
@@ -68,12 +84,16 @@ class Site:
     def inventory(self) -> Any:
         return self.agent.inventory
 
-    async def add(self, name: str, provider: str = "fake", **kwargs: Any) -> FakeHost:
+    async def add(
+        self, name: str, provider: str = "fake", *, parent: str | None = None, **kwargs: Any
+    ) -> FakeHost:
+        """A fake host registered under ``parent`` (default: /dc1/f1 for host1, else /dc1)."""
         fake = fake_host(f"fake://{name}-{uuid.uuid4().hex[:8]}", name=name, **kwargs)
         self.fakes[name] = fake
-        parent = self.inventory.resolve("/dc1/f1" if name == "host1" else "/dc1")
+        parent = parent or ("/dc1/f1" if name == "host1" else "/dc1")
+        parent_node = self.inventory.resolve(parent)
         self.hosts[name] = await self.agent.service.add_host(
-            parent_id=parent.id,
+            parent_id=parent_node.id,
             provider=provider,
             address=fake.address,
             username="admin",
@@ -128,6 +148,9 @@ async def running_site(tmp_path: Path, database_url: str) -> AsyncIterator[Site]
         host2.add_vm("taken", power_state=S.RUNNING)
         await site.settled()
         yield site
+        # The hosts' last changes applied before the database closes (a sync stopped
+        # while it writes leaves its connection behind).
+        await site.settled()
     finally:
         await agent.stop()
         agent.events.close()
@@ -201,6 +224,7 @@ def test_bad_migrations_are_refused_before_a_task_and_change_nothing(
         await site.add("immobile1", provider="immobile", vms=["fixed"])
         await site.add("immobile2", provider="immobile")
         site.fakes["immobile1"].set_power(site.fakes["immobile1"].vm_named("fixed").id, S.RUNNING)
+        site.fakes["host1"].set_power(site.fakes["host1"].vm_named("idle").id, S.SUSPENDED)
         await site.settled()
         before = (site.inventory.tree(), site.inventory.vms())
         dc = site.inventory.resolve("/dc1")
@@ -212,7 +236,7 @@ def test_bad_migrations_are_refused_before_a_task_and_change_nothing(
             assert str(caught.value) == message
 
         host2 = site.hosts["host2"]
-        await refused(InvalidState, "vm 'idle': cannot migrate while stopped",
+        await refused(InvalidState, "vm 'idle': cannot migrate while suspended",
                       site.migrate("idle", "host2"))  # fmt: skip
         await refused(InvalidState, "vm 'tpl': cannot migrate while a template",
                       site.migrate("tpl", "host2"))  # fmt: skip
@@ -247,7 +271,7 @@ def test_bad_migrations_are_refused_before_a_task_and_change_nothing(
         connection = Connection(fake2.address, "admin", "secret")
         await open_provider("fake", connection).set_maintenance(True)
         await site.settled()
-        await refused(InvalidArgument, "host: /dc1/host2 is in maintenance mode",
+        await refused(InsufficientResources, "host /dc1/host2 is in maintenance mode",
                       site.migrate("app1", "host2"))  # fmt: skip
         await open_provider("fake", connection).set_maintenance(False)
         await site.settled()
@@ -332,3 +356,161 @@ def test_a_cancelled_migration_leaves_the_vm_where_it_was(
         assert (await site.finished(await site.migrate("app1", "host2"))).state == "success"
 
     run(scenario)
+
+
+# --- cold migration -------------------------------------------------------------------
+
+
+class ColdFakeProvider(FakeProvider):
+    """The fake provider, which also moves a stopped VM when asked with ``live`` False, as
+    a thinvisor host agent does (a cold migration: its files move, it stays stopped).
+    ``asked`` records the VM and ``live`` of each ``migrate`` call."""
+
+    asked: ClassVar[list[tuple[str, bool]]] = []
+
+    async def migrate(
+        self,
+        vm_id: str,
+        ticket: MigrationTicket,
+        options: MigrationOptions,
+        progress: MigrationProgress | None = None,
+    ) -> dict[str, Any]:
+        source = self._host()
+        with source.lock:
+            vm = source.vm(vm_id)
+        ColdFakeProvider.asked.append((vm.name, options.live))
+        if options.live:
+            return await super().migrate(vm_id, ticket, options, progress)
+        if vm.power_state != S.STOPPED:
+            raise InvalidState(vm.name, vm.power_state.value, "migrate cold")
+        destination = get_fake_host(ticket.address)
+        first, second = sorted((source, destination), key=lambda h: h.address)
+        with first.lock, second.lock:
+            del source.vms[vm_id]
+            destination.vms[vm_id] = vm
+            gone = f"{vm.name}: migrated to {destination.name}"
+            source.emit(ChangeEvent(ChangeKind.VM_REMOVED, gone, vm_id, peer_kind="vm.migrated"))
+            destination.emit_vm(vm, "vm.migrated", f"{vm.name}: arrived (cold migration)")
+        if progress is not None:
+            progress(100, "files moved")
+        return {"vm": vm.name, "mode": ticket.mode, "total_ms": 1.0, "transferred_bytes": 0,
+                "destination": ticket.address}  # fmt: skip
+
+
+def cold_fakes(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, bool]]:
+    """Make fake hosts move stopped VMs too (``ColdFakeProvider``); the migrations asked
+    of them from now on."""
+    monkeypatch.setattr(fake_module, "PROVIDER", ColdFakeProvider)
+    monkeypatch.setattr(ColdFakeProvider, "asked", [])
+    return ColdFakeProvider.asked
+
+
+@pytest.fixture
+def cold(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, bool]]:
+    return cold_fakes(monkeypatch)
+
+
+def test_a_stopped_vm_moves_cold_and_keeps_its_object(
+    run: Callable[[Scenario], None], cold: list[tuple[str, bool]]
+) -> None:
+    async def scenario(site: Site) -> None:
+        idle = site.vm("idle")
+        site.inventory.create_tag("cold")
+        site.inventory.tag(idle.id, "cold")
+        task = await site.migrate("idle", "host2", downtime_ms=100)
+        assert (task.kind, task.cancellable) == ("vm.migrate", True)
+        done = await site.finished(task)
+        assert done.state == "success", done.error
+        result = done.result
+        assert (result["live"], result["mode"], result["source"]) == (
+            False, "shared", "/dc1/f1/host1/idle")  # fmt: skip
+        assert (result["vm"]["id"], result["vm"]["path"], result["vm"]["power_state"]) == (
+            idle.id, "/dc1/host2/idle", "stopped")  # fmt: skip
+        assert done.message == "idle is on host2"
+        assert cold == [("idle", False)]
+        assert site.fakes["host2"].vm_named("idle").power_state is S.STOPPED
+        assert "idle" not in {v.name for v in site.fakes["host1"].vms.values()}
+        await site.settled()
+        moved = site.vm("idle")
+        assert (moved.id, moved.host_id) == (idle.id, site.hosts["host2"].id)
+        assert [t.name for t in site.inventory.tags_of(idle.id)] == ["cold"]
+        [event] = [e for e in site.agent.events.list(kind_prefix="vm.migrated") if e.user == "ann"]
+        assert event.message == "vm idle moved from host1 to host2 (cold, shared)"
+        assert event.data["live"] is False
+        # A running VM is still asked to move live.
+        assert (await site.finished(await site.migrate("app1", "host2"))).state == "success"
+        assert cold[-1] == ("app1", True)
+
+    run(scenario)
+
+
+async def rules_site(site: Site) -> None:
+    """/dc1/c1 with hosts c1a (web1, db1, db2 running) and c1b (web2 running; 1 GiB),
+    web1 and web2 kept apart, db1 and db2 together."""
+    site.inventory.create_cluster(site.inventory.resolve("/dc1").id, "c1")
+    a = await site.add("c1a", parent="/dc1/c1")
+    b = await site.add("c1b", parent="/dc1/c1", memory_mib=1024)
+    for name in ("web1", "db1", "db2"):
+        a.add_vm(name, power_state=S.RUNNING, memory_mib=128)
+    b.add_vm("web2", power_state=S.RUNNING, memory_mib=128)
+    a.add_vm("big", power_state=S.RUNNING, memory_mib=2048)
+    await site.settled()
+    cluster = site.inventory.resolve("/dc1/c1").id
+    rules = site.agent.service.rules
+    rules.create(cluster, "apart", "anti-affinity", [site.vm("web1").id, site.vm("web2").id])
+    rules.create(cluster, "together", "affinity", [site.vm("db1").id, site.vm("db2").id])
+
+
+def test_placement_keeps_a_vm_off_a_host_unless_forced(
+    run: Callable[[Scenario], None], cold: list[tuple[str, bool]]
+) -> None:
+    async def scenario(site: Site) -> None:
+        await rules_site(site)
+
+        async def refused(vm: str, message: str) -> None:
+            with pytest.raises(InsufficientResources) as caught:
+                await site.migrate(vm, "c1b")
+            assert str(caught.value) == f"vm {vm!r} cannot move to /dc1/c1/c1b: {message}"
+
+        await refused("web1", "web2 runs there and anti-affinity rule 'apart' parts them"
+                              " (force moves it anyway)")  # fmt: skip
+        await refused("db1", "affinity rule 'together' keeps it with db2 on c1a"
+                             " (force moves it anyway)")  # fmt: skip
+        await refused("big", "896 MiB free, the VM needs 2048 MiB (force moves it anyway)")
+        assert site.agent.tasks.list() == [] and cold == []
+        service = site.agent.service
+        forced = await service.migrate_vm(
+            site.vm("web1").id, site.hosts["c1b"].id, MigrationOptions(), force=True, user="ann"
+        )
+        assert (await site.finished(forced)).state == "success"
+        assert site.vm("web1").host_name == "c1b"
+        # Stopped, a VM takes no memory: it may go where it would not fit running.
+        site.fakes["c1a"].set_power(site.fakes["c1a"].vm_named("big").id, S.STOPPED)
+        await site.settled()
+        done = await site.finished(await site.migrate("big", "c1b"))
+        assert done.state == "success" and done.result["live"] is False
+
+    run(scenario)
+
+
+def test_the_thinvisor_provider_asks_its_agent_for_a_cold_migration() -> None:
+    asked: list[Any] = []
+
+    def agent(request: httpx.Request) -> httpx.Response:
+        asked.append(json.loads(request.content))
+        ticket = {"id": "m-1", "token": "t", "port": 8000, "fingerprint": "AB", "mode": "shared"}
+        return httpx.Response(201, json=ticket)
+
+    provider = ThinvisorProvider(Connection("http://agent.example:8443", "admin", "pw"))
+    api = provider.api
+    provider.api = AgentApi(
+        api.address, api.base, api.headers, None, transport=httpx.MockTransport(agent)
+    )
+    spec = {"name": "idle"}
+    for live in (False, True):
+        ticket = asyncio.run(provider.prepare_incoming(spec, MigrationOptions(live=live)))
+        assert ticket.mode == "shared"
+    assert asked == [
+        {"vm": spec, "mode": "auto", "datastore": None, "live": False},
+        {"vm": spec, "mode": "auto", "datastore": None, "live": True},
+    ]

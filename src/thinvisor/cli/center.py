@@ -15,6 +15,7 @@ import re
 import socket
 import sys
 from collections.abc import Awaitable, Callable
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import quote
@@ -27,7 +28,7 @@ from websockets.sync.client import connect
 
 from thinvisor.auth import Role, UserStore
 from thinvisor.center.config import CENTER_CONFIG_ENV, CenterConfig, load_center_config
-from thinvisor.cli import center_rules, center_vm, common
+from thinvisor.cli import center_ha, center_rules, center_vm, common
 from thinvisor.cli.center_client import (
     CenterClient,
     center_login_path,
@@ -67,6 +68,7 @@ app.add_typer(host_app, name="host")
 app.add_typer(center_vm.app, name="vm")
 app.add_typer(tag_app, name="tag")
 app.add_typer(center_rules.app, name="rule")
+app.add_typer(center_ha.app, name="ha")
 
 ConfigOpt = Annotated[
     Path | None,
@@ -412,6 +414,47 @@ def cluster_create(parent: PathArg, name: Annotated[str, typer.Argument(help="It
     _created("cluster", parent, name)
 
 
+@cluster_app.command("balance")
+def cluster_balance(
+    cluster: Annotated[str, typer.Argument(help="The cluster: its path or id.")],
+    no_wait: Annotated[
+        bool, typer.Option("--no-wait", help="Print the task's id instead of waiting for it.")
+    ] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Even out a cluster's hosts once: live-migrate VMs that break an anti-affinity rule,
+    then the few that even out memory use. A VM moved so is left alone for 10 minutes."""
+
+    async def what(center: CenterClient) -> tuple[str, str, None]:
+        node = await center.node(cluster)
+        if node["kind"] != "cluster":
+            raise InvalidArgument("cluster", f"{node['kind']} {node['path']} is not a cluster")
+        return "POST", f"/clusters/{node['id']}/balance", None
+
+    result = center_vm.operation(what, no_wait)
+    if json_out:
+        common.print_json(result)
+    elif no_wait:
+        typer.echo(f"task {result['id']} started: {result['kind']} {result['object']}")
+    else:
+        typer.echo(balanced(result))
+    if not no_wait and any(move["error"] for move in result["moves"]):
+        raise typer.Exit(1)
+
+
+def balanced(result: dict[str, Any]) -> str:
+    """What a pass of the balancer did, a line per move."""
+    if not result["moves"]:
+        return f"cluster {result['cluster']} is balanced: nothing to move"
+    lines = []
+    for m in result["moves"]:
+        if m["error"] is None:
+            lines.append(f"moved {m['vm']} from {m['from']} to {m['to']}: {m['reason']}")
+        else:
+            lines.append(f"did not move {m['vm']} to {m['to']}: {m['error']}")
+    return "\n".join(lines)
+
+
 def _change(path: str, change: Callable[[CenterClient], Awaitable[dict[str, Any]]]) -> None:
     async def go(center: CenterClient) -> tuple[str, str]:
         node = await center.node(path)
@@ -582,14 +625,79 @@ def _unpinned(provider: str, address: str, exc: InvalidArgument) -> None:
 
 @host_app.command("list")
 def host_list(json_out: JsonOpt = False) -> None:
-    """The hosts, by path, with their connection state."""
+    """The hosts, by path, with their connection state and maintenance mode."""
     hosts = on_center(lambda c: c.get("/hosts"))
     rows = [
-        [h["path"], h["provider"], h["address"], h["state"], h["version"], h["error"]]
+        [
+            h["path"],
+            h["provider"],
+            h["address"],
+            h["state"],
+            "yes" if h["maintenance"] else "no",
+            h["version"],
+            h["error"],
+        ]
         for h in hosts
     ]
-    columns = ["PATH", "PROVIDER", "ADDRESS", "STATE", "VERSION", "ERROR"]
+    columns = ["PATH", "PROVIDER", "ADDRESS", "STATE", "MAINTENANCE", "VERSION", "ERROR"]
     show(hosts, json_out, lambda _: print_table(columns, rows))
+
+
+class Switch(StrEnum):
+    ON = "on"
+    OFF = "off"
+
+
+NoWaitOpt = Annotated[
+    bool, typer.Option("--no-wait", help="Print the task's id instead of waiting for it.")
+]
+
+
+@host_app.command("maintenance")
+def host_maintenance(
+    host: HostArg,
+    switch: Annotated[Switch, typer.Argument(help="on: enter maintenance mode; off: leave it.")],
+    wait: Annotated[
+        bool,
+        typer.Option(
+            "--wait",
+            help="If running VMs cannot move yet, keep trying until they can or are stopped "
+            "(else: refuse at once, naming them).",
+        ),
+    ] = False,
+    no_wait: NoWaitOpt = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Put a host in maintenance mode or take it out of it.
+
+    Entering moves its running VMs, live, to the other hosts of its cluster first (its
+    stopped VMs stay); then no VM runs or is placed there until it leaves. To stop the
+    evacuation: thinvisor center task cancel ID.
+    """
+
+    async def what(center: CenterClient) -> tuple[str, str, dict[str, Any]]:
+        found = await center.host(host)
+        body = {"maintenance": switch is Switch.ON, "wait": wait}
+        return "POST", f"/hosts/{found['id']}/maintenance", body
+
+    result = center_vm.operation(what, no_wait)
+    if json_out:
+        common.print_json(result)
+    elif no_wait:
+        typer.echo(f"task {result['id']} started: {result['kind']} {result['object']}")
+    else:
+        typer.echo(maintenance_said(result))
+
+
+def maintenance_said(result: dict[str, Any]) -> str:
+    """What entering or leaving maintenance mode did: where each VM went."""
+    if not result["maintenance"]:
+        return f"host {result['host']} is out of maintenance mode"
+    lines = [f"host {result['host']} is in maintenance mode"]
+    lines += [f"moved {m['vm']} to {m['to']}" for m in result["moved"]]
+    if result["stayed"]:
+        lines.append(f"stayed there: {', '.join(result['stayed'])}")
+    return "\n".join(lines)
 
 
 @host_app.command("remove")

@@ -56,7 +56,7 @@ POWER_ACTIONS = {
 out = common.console()
 
 
-def _operation(
+def operation(
     what: Callable[[CenterClient], Awaitable[tuple[str, str, dict[str, Any] | None]]],
     no_wait: bool,
 ) -> Any:
@@ -77,11 +77,14 @@ def _run(
     what: Callable[[CenterClient], Awaitable[tuple[str, str, dict[str, Any] | None]]],
     no_wait: bool,
     say: Callable[[Any], str],
+    json_out: bool = False,
 ) -> None:
-    """Run an operation (``_operation``) and print what ``say`` says of its result, or
-    with ``no_wait`` that its task started."""
-    result = _operation(what, no_wait)
-    if no_wait:
+    """Run an operation (``operation``) and print what ``say`` says of its result, or
+    with ``no_wait`` that its task started; with ``json_out``, either as JSON."""
+    result = operation(what, no_wait)
+    if json_out:
+        common.print_json(result)
+    elif no_wait:
         typer.echo(f"task {result['id']} started: {result['kind']} {result['object']}")
     else:
         typer.echo(say(result))
@@ -167,15 +170,25 @@ def vm_show(vm: VmArg, json_out: JsonOpt = False) -> None:
 # --- power ----------------------------------------------------------------------------
 
 
-def _power_command(action: str) -> Callable[[str, bool], None]:
-    def command(vm: VmArg, no_wait: NoWaitOpt = False) -> None:
+def _power_command(action: str) -> Callable[[str, bool, bool], None]:
+    def command(vm: VmArg, no_wait: NoWaitOpt = False, json_out: JsonOpt = False) -> None:
         async def what(center: CenterClient) -> tuple[str, str, None]:
             found = await center.vm(vm)
             return "POST", f"/vms/{found['id']}/power/{action}", None
 
-        _run(what, no_wait, lambda result: f"vm {result['path']}: {result['power_state']}")
+        _run(what, no_wait, powered, json_out)
 
     return command
+
+
+def powered(result: dict[str, Any]) -> str:
+    """What a power action's result says: the VM's state, and where it moved to first
+    (a start where its host could not take it)."""
+    said = f"vm {result['path']}: {result['power_state']}"
+    moved = result.get("moved")
+    if moved:
+        said += f" (moved from {moved['from']}: {moved['reason']})"
+    return said
 
 
 for _action, _help in POWER_ACTIONS.items():
@@ -221,7 +234,13 @@ def serial_target(login: Login, vm_id: int, port: str | None) -> ConsoleTarget:
 
 @app.command("create")
 def vm_create(
-    host: Annotated[str, typer.Argument(help="The host: its path, id or name.")],
+    host: Annotated[
+        str,
+        typer.Argument(
+            help="The host: its path, id or name; or a cluster (its path or id), where "
+            "placement chooses the host."
+        ),
+    ],
     name: Annotated[str, typer.Argument(help="The new VM's name.")],
     template: Annotated[
         str | None, typer.Option(help="A template on that host: path, id or name.")
@@ -235,27 +254,42 @@ def vm_create(
     disk: Annotated[int | None, typer.Option(min=1, help="A blank disk of this many MiB.")] = None,
     network: Annotated[str | None, typer.Option(help="A network of the host for a NIC.")] = None,
     no_wait: NoWaitOpt = False,
+    json_out: JsonOpt = False,
 ) -> None:
-    """Create a VM on a host: from scratch, or from a template there."""
+    """Create a VM on a host, or on the host placement chooses in a cluster: from
+    scratch, or from a template there (in a cluster: on the template's host)."""
 
     async def what(center: CenterClient) -> tuple[str, str, dict[str, Any]]:
-        found = await center.host(host)
+        found = await _host_or_cluster(center, host)
         body: dict[str, Any] = {"host": found["id"], "name": name, "cpus": cpus}
         body |= {"memory_mib": memory, "disk_mib": disk, "network": network}
         if template is not None:
-            body["template"] = (await _template(center, template, found["id"]))["id"]
+            on = found["id"] if found["kind"] == "host" else None
+            body["template"] = (await _template(center, template, on))["id"]
         return "POST", "/vms", body
 
-    _run(what, no_wait, _said("created"))
+    _run(what, no_wait, _said("created"), json_out)
 
 
-async def _template(center: CenterClient, ref: str, host_id: int) -> dict[str, Any]:
-    """A template named by path or id, or by a name unique on the host."""
+async def _host_or_cluster(center: CenterClient, ref: str) -> dict[str, Any]:
+    """A host by path, id or name, or a cluster by path or id (as the node it is)."""
+    if ref.startswith("/") or ref.isdecimal():
+        node = await center.node(ref)
+        if node["kind"] not in ("host", "cluster"):
+            raise InvalidArgument("host", f"{node['kind']} {node['path']} is not a host or cluster")
+        return node
+    return {**await center.host(ref), "kind": "host"}
+
+
+async def _template(center: CenterClient, ref: str, host_id: int | None) -> dict[str, Any]:
+    """A template named by path or id, or by a name unique on the host (None: on every
+    host)."""
     if ref.isdecimal() or ref.startswith("/"):
         return await center.vm(ref)
     found = await center.get("/vms", name=ref, host=host_id, template=True)
     if len(found) != 1:
-        raise NotFound(f"no template named {ref!r} on that host")
+        where = "that host" if host_id is not None else "one host"
+        raise NotFound(f"no template named {ref!r} on {where}")
     template: dict[str, Any] = found[0]
     return template
 
@@ -313,7 +347,7 @@ def vm_delete(vm: VmArg, no_wait: NoWaitOpt = False) -> None:
     _run(what, no_wait, lambda result: f"deleted vm {result['deleted']}")
 
 
-# --- live migration -------------------------------------------------------------------
+# --- migration ------------------------------------------------------------------------
 
 
 @app.command("migrate")
@@ -344,36 +378,46 @@ def vm_migrate(
             min=1, max=100_000, help="The most the copy may use, in MiB/s.", show_default=False
         ),
     ] = None,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="Move it even where placement refuses it (a rule of the VM's broken there, "
+            "too little room).",
+        ),
+    ] = False,
     no_wait: NoWaitOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
-    """Move a running VM to another host of the same provider kind, live.
+    """Move a VM to another host of the same provider kind: live if it runs, cold (its
+    files moved) if it is stopped.
 
-    Interrupting the command leaves the migration running. To stop it (the VM then keeps
-    running where it was): thinvisor center task cancel ID.
+    Interrupting the command leaves the migration running. To stop it (the VM then stays
+    where it was): thinvisor center task cancel ID.
     """
 
     async def what(center: CenterClient) -> tuple[str, str, dict[str, Any]]:
         found, target = await center.vm(vm), await center.host(host)
         body: dict[str, Any] = {"host": target["id"], "downtime_ms": downtime_ms}
-        body |= {"auto_converge": auto_converge, "bandwidth_mib_s": bandwidth}
+        body |= {"auto_converge": auto_converge, "bandwidth_mib_s": bandwidth, "force": force}
         if datastore is not None:
             body["datastore"] = datastore
         return "POST", f"/vms/{found['id']}/migrate", body
 
     if json_out:
-        common.print_json(_operation(what, no_wait))
+        common.print_json(operation(what, no_wait))
     else:
         _run(what, no_wait, migrated)
 
 
 def migrated(result: dict[str, Any]) -> str:
     """What a migration's result says: where the VM went, how long it took, what moved."""
+    live = result.get("live", True)
     said = f"moved {result['source']} to {result['vm']['host']}"
     if isinstance(result.get("total_ms"), int | float):
         said += f" in {result['total_ms'] / 1000:.1f} s"
-    details = []
-    if isinstance(result.get("downtime_ms"), int | float):
+    details = [] if live else ["cold"]
+    if live and isinstance(result.get("downtime_ms"), int | float):
         details.append(f"downtime {result['downtime_ms']:.0f} ms")
     if isinstance(result.get("transferred_bytes"), int | float):
         details.append(f"{result['transferred_bytes'] / (1 << 20):.1f} MiB transferred")

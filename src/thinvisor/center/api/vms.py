@@ -4,8 +4,13 @@ snapshotted through the center.
 Operations answer 202 with a task (``/tasks/{id}``) once they are checked: the VM exists,
 the user may do it there, its host is connected (else 409 ``disconnected``) and its
 provider can (else 409 ``unsupported``). Power actions need the power permission on the
-VM; creating, cloning, changing, deleting and snapshots need configure; a live migration
+VM; creating, cloning, changing, deleting and snapshots need configure; a migration
 needs configure on the VM and on the host it goes to.
+
+Placement has its say (409 ``insufficient_resources``, naming why): a VM created in a
+cluster goes to the host it chooses; a stopped VM powered on where its host cannot take
+it is moved first; a migration onto a host that breaks a rule of the VM's or lacks room
+is refused unless ``force``; nothing goes to a host in maintenance mode.
 """
 
 from __future__ import annotations
@@ -66,7 +71,8 @@ class VmOut(BaseModel):
 
 class VmCreateIn(StrictModel):
     host: NodeRef
-    """The host to create it on: its id, or its path."""
+    """The host to create it on, or a cluster (placement chooses a host in it): its id,
+    or its path."""
     name: str
     template: NodeRef | None = None
     """A template on the same host to create it from: its id, or its path."""
@@ -101,6 +107,11 @@ class MigrateIn(StrictModel):
     """Slow the VM's CPUs down where its memory changes faster than it is copied."""
     bandwidth_mib_s: int | None = Field(
         default=None, ge=1, le=100_000, description="the most the copy may use; default: no limit"
+    )
+    force: bool = Field(
+        default=False,
+        description="move it even where placement refuses it: a rule of the VM's broken "
+        "there, or too little room (the host still admits it or not)",
     )
 
 
@@ -156,10 +167,14 @@ def _query_ref(text: str) -> NodeRef:
     return int(text) if text.isdecimal() else text
 
 
-def _host_node(agent: CenterAgent, user: User, ref: NodeRef) -> Node:
+def _host_node(agent: CenterAgent, user: User, ref: NodeRef, *, cluster: bool = False) -> Node:
+    """The host a request names (or, with ``cluster``, the cluster)."""
     node = node_of(agent, user, ref, "host")
+    if node.kind == NodeKind.CLUSTER and cluster:
+        return node
     if node.kind != NodeKind.HOST:
-        raise InvalidArgument("host", f"{node.kind} {node.path} is not a host")
+        wanted = "a host or a cluster" if cluster else "a host"
+        raise InvalidArgument("host", f"{node.kind} {node.path} is not {wanted}")
     return node
 
 
@@ -191,12 +206,13 @@ async def power(vm_id: int, action: PowerAction, request: Request, user: Caller)
 
 @router.post("", status_code=202, response_model=None, responses=ACCEPTED)
 async def create_vm(body: VmCreateIn, request: Request, user: Caller) -> JSONResponse:
-    """A new VM on a host: from scratch, or from a template on that host."""
+    """A new VM on a host, or on the host placement chooses in a cluster: from scratch,
+    or from a template on that host (in a cluster: on the template's host)."""
     agent = center_of(request)
 
-    def prepare() -> tuple[int, CreateVm, int | None]:
-        host = _host_node(agent, user, body.host)
-        check(agent, user, host.id, Permission.CONFIGURE)
+    def prepare() -> tuple[Node, CreateVm, int | None]:
+        where = _host_node(agent, user, body.host, cluster=True)
+        check(agent, user, where.id, Permission.CONFIGURE)
         template = None if body.template is None else _template(agent, user, body.template)
         spec = CreateVm(
             name=body.name,
@@ -205,10 +221,16 @@ async def create_vm(body: VmCreateIn, request: Request, user: Caller) -> JSONRes
             disk_mib=body.disk_mib,
             network=body.network,
         )
-        return host.id, spec, None if template is None else template.id
+        return where, spec, None if template is None else template.id
 
-    host_id, spec, template_id = await in_thread(prepare)
-    task = await agent.service.create_vm(host_id, spec, template_id=template_id, user=user.name)
+    where, spec, template_id = await in_thread(prepare)
+    service = agent.service
+    if where.kind == NodeKind.CLUSTER:
+        task = await service.create_vm_in_cluster(
+            where.id, spec, template_id=template_id, user=user.name
+        )
+    else:
+        task = await service.create_vm(where.id, spec, template_id=template_id, user=user.name)
     return accepted_task(task)
 
 
@@ -251,9 +273,9 @@ async def delete_vm(vm_id: int, request: Request, user: Caller) -> JSONResponse:
 
 @router.post("/{vm_id}/migrate", status_code=202, response_model=None, responses=ACCEPTED)
 async def migrate_vm(vm_id: int, body: MigrateIn, request: Request, user: Caller) -> JSONResponse:
-    """Live-migrate a running VM to another host of the same provider kind. The task may
-    be cancelled (``POST /tasks/{id}/cancel``) until the VM switches over; the VM then
-    keeps running where it was."""
+    """Migrate a VM to another host of the same provider kind: live if it runs, cold (its
+    files moved) if it is stopped. The task may be cancelled (``POST /tasks/{id}/cancel``)
+    until the VM switches over; the VM then stays where it was."""
     await _vm(request, user, vm_id, Permission.CONFIGURE)
     agent = center_of(request)
 
@@ -269,7 +291,7 @@ async def migrate_vm(vm_id: int, body: MigrateIn, request: Request, user: Caller
         bandwidth_mib_s=body.bandwidth_mib_s,
         datastore=body.datastore,
     )
-    task = await agent.service.migrate_vm(vm_id, host.id, options, user=user.name)
+    task = await agent.service.migrate_vm(vm_id, host.id, options, force=body.force, user=user.name)
     return accepted_task(task)
 
 
