@@ -16,6 +16,7 @@ import pytest
 
 from thinvisor.errors import (
     AlreadyExists,
+    Busy,
     CredentialsRefused,
     InvalidArgument,
     InvalidState,
@@ -382,3 +383,90 @@ async def test_a_failed_or_cancelled_migration_leaves_the_vm_running_where_it_wa
     with pytest.raises(Unreachable):
         await sender.migrate(vm.id, ticket, chosen)
     assert host.vm(vm.id).power_state == S.RUNNING
+
+
+# --- high availability ----------------------------------------------------------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@run_async
+async def test_hosts_sharing_a_datastore_see_each_others_heartbeats(
+    host: FakeHost, other: FakeHost
+) -> None:
+    clock = Clock()
+    host.clock = other.clock = clock
+    assert (await provider(host).connect()).host_id == host.host_id
+    mine = {host.host_id, other.host_id}
+
+    async def ages(reader: FakeHost, datastore: str = "datastore1") -> dict[str, float]:
+        beats = await provider(reader).datastore_heartbeats(datastore)
+        return {b.host_id: b.age_s for b in beats if b.host_id in mine}
+
+    assert await ages(host) == {host.host_id: 0.0, other.host_id: 0.0}
+    assert await ages(other, "local2") == {other.host_id: 0.0}  # its own datastore only
+    with pytest.raises(NotFound, match="datastore 'local2' does not exist"):
+        await provider(host).datastore_heartbeats("local2")
+    other.isolate()  # no answer, but it goes on writing
+    clock.now += 20
+    assert await ages(host) == {host.host_id: 0.0, other.host_id: 0.0}
+    other.crash()  # no answer, no heartbeat
+    clock.now += 16
+    assert await ages(host) == {host.host_id: 0.0, other.host_id: 16.0}
+    with pytest.raises(Unreachable):
+        await provider(other).ping()
+    other.restore()
+    assert (await ages(other))[other.host_id] == 0.0
+
+
+@run_async
+async def test_the_centers_heartbeat_is_recorded_and_a_fence_said_once(host: FakeHost) -> None:
+    p = provider(host)
+    assert await p.ha_heartbeat(15.0) is False
+    host.fenced = True
+    assert await p.ha_heartbeat(20.0) is True
+    assert await p.ha_heartbeat(20.0) is False
+    assert (host.center_timeout_s, host.center_heartbeats) == (20.0, 3)
+
+
+@run_async
+async def test_recover_takes_a_dead_hosts_vm_over_and_starts_it(
+    host: FakeHost, other: FakeHost
+) -> None:
+    vm = other.add_vm("app", power_state=S.RUNNING, memory_mib=64)
+    local = other.add_vm("local", power_state=S.RUNNING, datastores=("local2",))
+    other.crash()
+    assert other.vm(vm.id).power_state == S.STOPPED  # off with its host
+    stream = provider(host).events()
+    record = await provider(host).recover("app", "datastore1")
+    assert (record.id, record.power_state, record.memory_mib) == (vm.id, S.RUNNING, 64)
+    assert host.vm(vm.id).power_state == S.RUNNING and vm.id not in other.vms
+    event = await next_event(stream)
+    assert (event.kind, event.vm_id, event.peer_kind) == (
+        ChangeKind.VM_CHANGED,
+        vm.id,
+        "vm.recovered",
+    )
+    other.restore()  # back, without the VM another host owns now
+    assert "app" not in {v.name for v in (await provider(other).snapshot()).vms}
+    with pytest.raises(NotFound, match="datastore 'local2' does not exist"):  # not shared
+        await provider(host).recover("local", "local2")
+    with pytest.raises(NotFound, match="datastore datastore1 holds no vm 'ghost'"):
+        await provider(host).recover("ghost", "datastore1")
+    assert local.id in other.vms
+    with pytest.raises(AlreadyExists):  # this host's already
+        await provider(host).recover("app", "datastore1")
+    with pytest.raises(NotFound, match="datastore 'nope' does not exist"):
+        await provider(host).recover("app", "nope")
+    template = other.add_vm("tpl2", template=True)
+    with pytest.raises(InvalidState, match="a template"):
+        await provider(host).recover("tpl2", "datastore1")
+    host.maintenance = True
+    with pytest.raises(Busy, match="maintenance mode"):
+        await provider(host).recover(template.name, "datastore1")

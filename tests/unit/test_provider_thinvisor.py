@@ -7,13 +7,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
 import httpx
 import pytest
 
-from thinvisor.errors import InvalidArgument, InvalidState
+from thinvisor.errors import InvalidArgument, InvalidState, NotFound
 from thinvisor.providers.base import (
     ChangeKind,
     Connection,
@@ -27,6 +28,7 @@ from thinvisor.providers.thinvisor import (
     ThinvisorProvider,
     auth_header,
     disk_datastore,
+    host_record,
     vm_record,
 )
 
@@ -158,7 +160,7 @@ class Agent:
         return httpx.Response(202, json=dict(self.task))
 
 
-def on_agent(address: str, agent: Agent) -> ThinvisorProvider:
+def on_agent(address: str, agent: Callable[[httpx.Request], httpx.Response]) -> ThinvisorProvider:
     """A provider whose requests ``agent`` answers (plain HTTP: nothing to pin)."""
     provider = ThinvisorProvider(Connection(address, "admin", "pw"))
     api = provider.api
@@ -188,7 +190,11 @@ def test_a_migration_asks_both_agents_as_their_api_says() -> None:
 
     assert asyncio.run(go()) == RESULT
     assert destination.asked == [
-        ("POST", "/migrations/incoming", {"vm": SPEC, "mode": "auto", "datastore": "fast"})
+        (
+            "POST",
+            "/migrations/incoming",
+            {"vm": SPEC, "mode": "auto", "datastore": "fast", "live": True},
+        )
     ]
     assert source.asked[:2] == [
         ("GET", "/vms/app1", None),
@@ -231,3 +237,74 @@ def test_cancelling_a_migration_cancels_the_agents_task(too_late: bool) -> None:
         with pytest.raises(asyncio.CancelledError):
             asyncio.run(go())
     assert ("POST", "/tasks/t-1/cancel", None) in agent.asked
+
+
+# --- high availability, against an agent's /ha routes ---------------------------------------
+
+HOST = {"hostname": "node-b", "thinvisor_version": "1.0", "cpus": 4, "memory_total_mib": 8192,
+        "host_id": "b7c1", "maintenance": False}  # fmt: skip
+BEATS = [
+    {"host": "a3f0", "seq": 812, "time": 1_700_000_000.5, "age_s": 0.4},
+    {"host": "b7c1", "seq": 640, "time": 1_699_999_980.0, "age_s": 21.3},
+]
+RECOVERED = {"name": "app1", "datastore": "nfs", "state": "running", "uuid": "u1",
+             "spec": {"vcpus": 1, "memory_mib": 64, "disks": [{"path": "disk0.qcow2"}],
+                      "nics": []}}  # fmt: skip
+
+
+class HaAgent:
+    """The ``/ha`` routes of one agent, and what it was asked."""
+
+    def __init__(self) -> None:
+        self.asked: list[tuple[str, str, Any, dict[str, str]]] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content) if request.content else None
+        route = (request.method, request.url.path.removeprefix("/api/v1"))
+        self.asked.append((*route, body, dict(request.url.params)))
+        if route == ("GET", "/host"):
+            return httpx.Response(200, json=HOST)
+        if route == ("GET", "/events"):
+            return httpx.Response(200, json=[])
+        if route == ("POST", "/ha/heartbeat"):
+            fenced = body is not None and body["timeout_s"] > 60
+            return httpx.Response(200, json={"host_id": "b7c1", "fenced": fenced})
+        if route == ("GET", "/ha/heartbeats"):
+            if request.url.params["datastore"] != "nfs":
+                message = f"datastore {request.url.params['datastore']!r} does not exist"
+                return httpx.Response(404, json={"error": "not_found", "message": message})
+            return httpx.Response(200, json=BEATS)
+        if route == ("POST", "/ha/recover"):
+            return httpx.Response(200, json=RECOVERED)
+        if route == ("GET", "/datastores"):
+            return httpx.Response(200, json=[{"name": "nfs", "path": "/mnt/nfs"}])
+        return httpx.Response(404, json={"error": "not_found", "message": f"no route {route}"})
+
+
+def test_ha_calls_are_the_agents_ha_routes() -> None:
+    agent = HaAgent()
+    provider = on_agent("http://agent-b.example:8443", agent)
+
+    async def go() -> None:
+        assert (await provider.connect()).host_id == "b7c1"
+        assert await provider.ha_heartbeat(15.0) is False
+        assert await provider.ha_heartbeat(90.0) is True
+        beats = await provider.datastore_heartbeats("nfs")
+        assert [(b.host_id, b.seq, b.age_s) for b in beats] == [
+            ("a3f0", 812, 0.4), ("b7c1", 640, 21.3)]  # fmt: skip
+        with pytest.raises(NotFound, match="datastore 'local' does not exist"):
+            await provider.datastore_heartbeats("local")
+        vm = await provider.recover("app1", "nfs")
+        assert (vm.id, vm.power_state, vm.datastores) == ("app1", PowerState.RUNNING, ("nfs",))
+
+    asyncio.run(go())
+    asked = [(method, path, body, params) for method, path, body, params in agent.asked]
+    assert ("POST", "/ha/heartbeat", {"timeout_s": 15.0}, {}) in asked
+    assert ("GET", "/ha/heartbeats", None, {"datastore": "nfs"}) in asked
+    assert ("POST", "/ha/recover", {"vm": "app1", "datastore": "nfs", "start": True}, {}) in asked
+
+
+def test_a_host_record_carries_the_agents_id() -> None:
+    assert host_record(HOST).host_id == "b7c1"
+    older = {k: v for k, v in HOST.items() if k != "host_id"}
+    assert host_record(older).host_id is None

@@ -1,8 +1,9 @@
 """The center: what ``thinvisor center serve`` runs, the role VirtualCenter played.
 
 It owns the inventory database, the users (the same model as a host agent's: users,
-tokens, roles, plus permissions on inventory objects), the merged event log, the tasks
-and one ``HostSync`` per managed host.
+tokens, roles, plus permissions on inventory objects), the merged event log, the tasks,
+one ``HostSync`` per managed host and the ``HaMonitor`` that restarts the VMs of failed
+hosts of clusters with HA.
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ from thinvisor.auth import User, UserStore
 from thinvisor.auth.gate import PasswordGate
 from thinvisor.center.config import CenterConfig
 from thinvisor.center.db import Database, open_database
+from thinvisor.center.ha import HaMonitor
 from thinvisor.center.inventory import Inventory
 from thinvisor.center.permissions import Permissions
+from thinvisor.center.rules import Rules
 from thinvisor.center.secrets import SecretBox
 from thinvisor.center.service import CenterService
 from thinvisor.fs import private_dir
@@ -37,6 +40,9 @@ class CenterAgent:
         self.inventory = Inventory(self.database, self.secrets)
         self.permissions = Permissions(self.database)
         self.service = CenterService(self.inventory, self.tasks, self.events, config.sync)
+        self.ha = HaMonitor(
+            self.inventory, self.service.syncs, self.events, Rules(self.database), config.ha
+        )
         self.tls_fingerprint: str | None = None  # set by the server once TLS is set up
 
     async def authenticate(self, name: str, password: str) -> User | None:
@@ -47,11 +53,13 @@ class CenterAgent:
         return await self.gate.check_password(address, name, password, via)
 
     async def start(self) -> None:
-        """Follow every registered host."""
+        """Follow every registered host, and watch those of clusters with HA."""
         hosts = await self.service.start()
+        self.ha.start()
         self.events.emit("center.started", f"center started; following {hosts} hosts")
 
     async def stop(self) -> None:
+        await self.ha.stop()
         await self.service.close()
         await self.tasks.close()
         self.events.emit("center.stopped", "center stopped")

@@ -48,12 +48,23 @@ class SyncConfig(StrictModel):
     reconnect_max_s: float = Field(default=10.0, gt=0)
 
 
+class HaConfig(StrictModel):
+    """How the center watches the hosts of clusters with HA (``thinvisor.center.ha``)."""
+
+    # Each host of such a cluster gets the center's heartbeat this often, and failed
+    # hosts are looked for as often.
+    check_interval_s: float = Field(default=1.0, gt=0, le=60)
+    # A heartbeat that gets no answer within this counts as not heard.
+    heartbeat_timeout_s: float = Field(default=5.0, gt=0)
+
+
 class CenterConfig(StrictModel):
     # The center's own state: users and tokens, events, TLS, the secrets key, SQLite.
     state_dir: Path = Path("/var/lib/thinvisor-center")
     api: CenterApiConfig = Field(default_factory=CenterApiConfig)
     database: DatabaseConfig = Field(default_factory=DatabaseConfig)
     sync: SyncConfig = Field(default_factory=SyncConfig)
+    ha: HaConfig = Field(default_factory=HaConfig)
 
     @property
     def database_url(self) -> str:

@@ -19,6 +19,10 @@ as ``%2F`` or ``%25`` in a path. What the center discovers is keyed by the provi
 own id (``ext_id``), not by name: two VMs of one host may share a name, and a VM renamed
 on its host keeps its node (and its tags and permissions).
 
+A cluster's high availability settings (``cluster_ha``, ``set_cluster_ha``) and a VM's
+restart priority (``VmRow.ha_priority``, ``set_vm_ha_priority``) are kept here too; a
+host's own id on its peer (``HostRow.agent_id``) is recorded each time it connects.
+
 A VM live-migrated to another host keeps its node too (``move_vm``). While it moves
 (``begin_move`` until ``move_vm`` or ``end_move``), the hosts' syncs leave it alone: the
 source may say it is gone and the destination that it is there before the center learns
@@ -42,9 +46,12 @@ from sqlalchemy.orm import Session, aliased
 from thinvisor.center.db import Database
 from thinvisor.center.models import (
     CONTAINER_KINDS,
+    DEFAULT_HA_TIMEOUT_S,
     DISCOVERED_KINDS,
     NAME_MAX,
+    ClusterModel,
     DatastoreModel,
+    HaPriority,
     HostModel,
     HostState,
     NetworkModel,
@@ -82,6 +89,9 @@ ALLOWED_PARENTS: dict[NodeKind, frozenset[NodeKind | None]] = {
 _KIND_ORDER = {kind: i for i, kind in enumerate(NodeKind)}
 # Rows deleted per statement (drivers limit the parameters of one statement).
 _CHUNK = 500
+#: The shortest and longest time a host of a cluster with HA may stay silent before it
+#: counts as failed (the center heartbeats its hosts every second).
+HA_TIMEOUT_S = (5.0, 3600.0)
 
 # --- records --------------------------------------------------------------------------
 
@@ -113,6 +123,8 @@ class HostRow(Node):
     cpus: int | None
     memory_mib: int | None
     maintenance: bool
+    agent_id: str | None = None
+    """The peer's own id for the host (``HostRecord.host_id``), as last connected."""
 
 
 @dataclass(frozen=True)
@@ -129,6 +141,19 @@ class VmRow(Node):
     uuid: str | None
     datastores: tuple[str, ...]
     networks: tuple[str, ...]
+    ha_priority: HaPriority = HaPriority.MEDIUM
+    """When it is restarted if its host fails, where its cluster has HA."""
+
+
+@dataclass(frozen=True)
+class ClusterHa:
+    """A cluster's high availability settings."""
+
+    cluster_id: int
+    path: str
+    enabled: bool
+    timeout_s: float
+    """How long one of its hosts may stay silent before it counts as failed."""
 
 
 @dataclass(frozen=True)
@@ -525,6 +550,8 @@ class Inventory:
             node = NodeModel(kind=kind.value, name=name, parent_id=parent.id)
             session.add(node)
             _flush(session, _where(kind, name, parent))
+            if kind == NodeKind.CLUSTER:
+                session.add(ClusterModel(node_id=node.id))
             return _as_node(node, _join(parent.path, name))
 
     def rename(self, node_id: int, name: str) -> Node:
@@ -842,6 +869,56 @@ class Inventory:
         arriving = {m.ext_id: m.vm_id for m in moves if m.destination == host_id}
         return leaving, arriving
 
+    # --- high availability ------------------------------------------------------------
+
+    def cluster_ha(self, cluster_id: int) -> ClusterHa:
+        """The HA settings of the cluster ``cluster_id`` (``NotFound`` if it is none)."""
+        with self.db.read() as session:
+            return _cluster_ha(session, cluster_id)
+
+    def set_cluster_ha(
+        self, cluster_id: int, enabled: bool, timeout_s: float | None = None
+    ) -> ClusterHa:
+        """Turn HA on or off for a cluster; ``timeout_s`` None keeps the current one."""
+        if timeout_s is not None:
+            _check_ha_timeout(timeout_s)
+        with self.db.write() as session:
+            _cluster_ha(session, cluster_id)  # NotFound unless a cluster
+            row = session.get(ClusterModel, cluster_id)
+            if row is None:  # a cluster from before its settings had a table
+                row = ClusterModel(node_id=cluster_id, ha_timeout_s=DEFAULT_HA_TIMEOUT_S)
+                session.add(row)
+            row.ha_enabled = bool(enabled)
+            if timeout_s is not None:
+                row.ha_timeout_s = float(timeout_s)
+            session.flush()
+            return _cluster_ha(session, cluster_id)
+
+    def ha_clusters(self, *, enabled: bool | None = None) -> list[ClusterHa]:
+        """Every cluster's HA settings, by path; only those with HA on (or off) if
+        ``enabled`` says."""
+        query = select(NodeModel.id, ClusterModel.ha_enabled, ClusterModel.ha_timeout_s).outerjoin(
+            ClusterModel, ClusterModel.node_id == NodeModel.id
+        )
+        with self.db.read() as session:
+            paths = _container_paths(session)
+            rows = session.execute(query.where(NodeModel.kind == NodeKind.CLUSTER.value)).all()
+        found = [_as_cluster_ha(row.id, paths[row.id], row) for row in rows]
+        found = [c for c in found if enabled is None or c.enabled == enabled]
+        return sorted(found, key=lambda c: c.path)
+
+    def set_vm_ha_priority(self, vm_id: int, priority: HaPriority | str) -> VmRow:
+        """Set when the VM is restarted if its host fails (``InvalidArgument`` naming
+        ``priority`` if it is none of ``HaPriority``)."""
+        chosen = ha_priority(priority)
+        with self.db.write() as session:
+            row = session.get(VmModel, vm_id)
+            if row is None:
+                raise NotFound(f"no vm with id {vm_id}")
+            row.ha_priority = chosen.value
+            session.flush()
+            return _vm_rows(session, _vm_query().where(VmModel.node_id == vm_id))[0]
+
     # --- VMs, datastores, networks ----------------------------------------------------
 
     def vms(self, host_id: int | None = None, template: bool | None = None) -> list[VmRow]:
@@ -1083,6 +1160,8 @@ def _check_text(field: str, value: str, limit: int) -> None:
 
 
 def _mark_connected(host: HostModel, record: HostRecord) -> None:
+    if record.host_id is not None:  # a peer that has none keeps what it said before
+        host.agent_id = record.host_id
     _assign(
         host,
         {
@@ -1130,6 +1209,7 @@ def _host_row(host: HostModel, node: NodeModel, path: str) -> HostRow:
         cpus=host.cpus,
         memory_mib=host.memory_mib,
         maintenance=host.maintenance,
+        agent_id=host.agent_id,
     )
 
 
@@ -1148,7 +1228,14 @@ def _vm_query() -> Select[*tuple[Any, ...]]:
 
 # Columns of ``vms`` that a VmRow takes as they are.
 _VM_COLUMNS = ("host_id", "ext_id", "cpus", "memory_mib", "template", "uuid")
-_VM_SELECTED = (*_VM_COLUMNS, "power_state", "last_power_state", "datastores", "networks")
+_VM_SELECTED = (
+    *_VM_COLUMNS,
+    "power_state",
+    "last_power_state",
+    "datastores",
+    "networks",
+    "ha_priority",
+)
 
 
 def _vm_row(row: Any, paths: dict[int, str]) -> VmRow:
@@ -1161,6 +1248,48 @@ def _vm_row(row: Any, paths: dict[int, str]) -> VmRow:
         last_power_state=last,
         datastores=tuple(row.datastores),
         networks=tuple(row.networks),
+        ha_priority=HaPriority(row.ha_priority),
+    )
+
+
+def ha_priority(value: HaPriority | str) -> HaPriority:
+    """``value`` as a ``HaPriority``; ``InvalidArgument`` naming ``priority`` if none."""
+    try:
+        return HaPriority(value)
+    except ValueError:
+        choices = ", ".join(p.value for p in HaPriority)
+        raise InvalidArgument("priority", f"{value!r} is not one of {choices}") from None
+
+
+def _check_ha_timeout(timeout_s: float) -> None:
+    low, high = HA_TIMEOUT_S
+    number = isinstance(timeout_s, int | float) and not isinstance(timeout_s, bool)
+    if not number or not low <= timeout_s <= high:
+        raise InvalidArgument(
+            "timeout_s", f"must be from {low:g} to {high:g} seconds, not {timeout_s!r}"
+        )
+
+
+def _cluster_ha(session: Session, cluster_id: int) -> ClusterHa:
+    """The cluster's HA settings (its defaults where it has no row yet)."""
+    node = session.get(NodeModel, cluster_id)
+    if node is None or node.kind != NodeKind.CLUSTER.value:
+        raise NotFound(f"no cluster with id {cluster_id}")
+    return _as_cluster_ha(
+        cluster_id, _path(session, cluster_id), session.get(ClusterModel, cluster_id)
+    )
+
+
+def _as_cluster_ha(cluster_id: int, path: str, row: Any) -> ClusterHa:
+    """A ``ClusterHa`` from a row with ``ha_enabled`` and ``ha_timeout_s`` (None, or
+    None values: the defaults)."""
+    enabled = None if row is None else row.ha_enabled
+    timeout = None if row is None else row.ha_timeout_s
+    return ClusterHa(
+        cluster_id=cluster_id,
+        path=path,
+        enabled=bool(enabled),
+        timeout_s=DEFAULT_HA_TIMEOUT_S if timeout is None else float(timeout),
     )
 
 

@@ -3,8 +3,9 @@
 The whole inventory tree is the one table ``nodes``: datacenters at the root, folders,
 clusters and hosts under them, and under each host what the center discovers on it (VMs,
 datastores, networks). Permissions and tags hang on nodes, so that a grant on a folder
-reaches everything below it by walking ``parent_id``. The tables ``hosts``, ``vms``,
-``datastores`` and ``networks`` add each kind's own columns to its node.
+reaches everything below it by walking ``parent_id``. The tables ``clusters``, ``hosts``,
+``vms``, ``datastores`` and ``networks`` add each kind's own columns to its node (a
+cluster's: its high availability settings; a VM's HA restart priority is on ``vms``).
 
 Placement rules (``rules``, ``rule_members``) bind VMs of one cluster together or keep
 them apart; a rule goes with its cluster, and a VM leaves every rule when it goes.
@@ -27,6 +28,7 @@ from sqlalchemy import (
     CheckConstraint,
     DateTime,
     Dialect,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -71,6 +73,20 @@ class HostState(StrEnum):
     CONNECTING = "connecting"
     CONNECTED = "connected"
     DISCONNECTED = "disconnected"
+
+
+class HaPriority(StrEnum):
+    """In which order a VM is restarted when its host fails (``thinvisor.center.ha``)."""
+
+    HIGH = "high"
+    MEDIUM = "medium"
+    LOW = "low"
+    DISABLED = "disabled"
+    """Never restarted elsewhere."""
+
+
+#: How long a host of a cluster with HA may stay silent before it counts as failed.
+DEFAULT_HA_TIMEOUT_S = 15.0
 
 
 def _in(column: str, values: tuple[str, ...]) -> str:
@@ -174,11 +190,30 @@ class HostModel(Base):
     cpus: Mapped[int | None] = mapped_column(Integer)
     memory_mib: Mapped[int | None] = mapped_column(BigInteger)
     maintenance: Mapped[bool] = mapped_column(default=False)
+    agent_id: Mapped[str | None] = mapped_column(String(128))
+    """The peer's own id for the host (``HostRecord.host_id``): what a thinvisor host's
+    datastore heartbeat files are named by, so that HA finds them once it is gone."""
+
+
+class ClusterModel(Base):
+    """A cluster's own settings: high availability (``thinvisor.center.ha``)."""
+
+    __tablename__ = "clusters"
+
+    node_id: Mapped[int] = mapped_column(
+        ForeignKey("nodes.id", ondelete="CASCADE"), primary_key=True
+    )
+    ha_enabled: Mapped[bool] = mapped_column(default=False)
+    ha_timeout_s: Mapped[float] = mapped_column(Float, default=DEFAULT_HA_TIMEOUT_S)
 
 
 class VmModel(Base):
     __tablename__ = "vms"
-    __table_args__ = (UniqueConstraint("host_id", "ext_id"),)
+    __table_args__ = (
+        UniqueConstraint("host_id", "ext_id"),
+        # Every priority; migration r0003 spells the same list out.
+        CheckConstraint(_in("ha_priority", tuple(HaPriority)), name="ha_priority"),
+    )
 
     node_id: Mapped[int] = mapped_column(
         ForeignKey("nodes.id", ondelete="CASCADE"), primary_key=True
@@ -197,6 +232,10 @@ class VmModel(Base):
     """Names of the host's datastores that hold the VM's disks."""
     networks: Mapped[list[str]] = mapped_column(JSON, default=list)
     """Names of the host's networks that the VM's NICs are on."""
+    ha_priority: Mapped[str] = mapped_column(
+        String(16), default=HaPriority.MEDIUM.value, server_default=HaPriority.MEDIUM.value
+    )
+    """When it is restarted if its host fails, where its cluster has HA."""
 
 
 class DatastoreModel(Base):

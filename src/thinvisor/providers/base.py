@@ -51,6 +51,10 @@ class Capability(StrEnum):
     MIGRATE = "migrate"
     """Live-migrate a running VM to another host of the same provider kind:
     ``migration_spec()``, ``prepare_incoming()`` (on the destination), ``migrate()``."""
+    HA = "ha"
+    """High availability: ``ha_heartbeat()`` (the center's heartbeat, which arms the host's
+    self-fencing), ``datastore_heartbeats()`` (every host's heartbeat on a shared
+    datastore) and ``recover()`` (take a dead host's VM over and start it)."""
 
 
 class PowerState(StrEnum):
@@ -95,6 +99,9 @@ class HostRecord:
     cpus: int
     memory_mib: int
     maintenance: bool = False
+    host_id: str | None = None
+    """The peer's own id for the host where it has one (a thinvisor agent's: what its
+    datastore heartbeat files and its VMs' owner files are named)."""
 
 
 @dataclass(frozen=True)
@@ -237,6 +244,8 @@ class MigrationOptions:
     datastore: str | None = None
     """The destination's datastore for the VM's disks where they must be copied there
     (the destination does not see them at the same paths); None: its default one."""
+    live: bool = True
+    """A running VM, moved as it runs; False: a stopped VM, its files moved (cold)."""
 
 
 @dataclass(frozen=True)
@@ -254,6 +263,18 @@ class MigrationTicket:
     mode: str
     """``shared`` (the destination sees the VM's disks where they are) or ``mirror`` (the
     disks are copied along with the memory)."""
+
+
+@dataclass(frozen=True)
+class HeartbeatRecord:
+    """One host's heartbeat on a shared datastore, as the host asked sees it."""
+
+    host_id: str
+    """The writer's ``HostRecord.host_id``."""
+    seq: int
+    """The writer's count, growing with each write."""
+    age_s: float
+    """Seconds since it was last written, by the clock of the host asked."""
 
 
 #: Reports how far a migration is: a percentage and what it is doing.
@@ -376,3 +397,23 @@ class Provider(ABC):
         raises, or is cancelled, the VM still runs here."""
         self.require(Capability.MIGRATE)
         raise AssertionError("a provider with MIGRATE overrides migrate()")
+
+    async def ha_heartbeat(self, timeout_s: float) -> bool:
+        """The center's heartbeat: the host powers its VMs off once it hears nothing from
+        the center and cannot write its datastore heartbeats for longer than
+        ``timeout_s``. Whether it did so since the previous heartbeat."""
+        self.require(Capability.HA)
+        raise AssertionError("a provider with HA overrides ha_heartbeat()")
+
+    async def datastore_heartbeats(self, datastore: str) -> list[HeartbeatRecord]:
+        """Every host's heartbeat on the datastore named ``datastore``, as this host sees
+        them (``NotFound`` if it has no such datastore)."""
+        self.require(Capability.HA)
+        raise AssertionError("a provider with HA overrides datastore_heartbeats()")
+
+    async def recover(self, vm_name: str, datastore: str) -> VmRecord:
+        """Take over the VM ``vm_name`` of another host from the shared ``datastore`` and
+        start it here. Only once that host can no longer run it: this host does not
+        check."""
+        self.require(Capability.HA)
+        raise AssertionError("a provider with HA overrides recover()")

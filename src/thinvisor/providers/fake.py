@@ -5,7 +5,16 @@ A fake host lives in a registry of this module keyed by its ``Connection.address
 test's) sees the same host. Tests make hosts with ``fake_host()`` and drive them with
 the ``FakeHost`` helpers: ``add_vm``, ``remove_vm``, ``set_power`` (a change made on the
 host behind the center's back), ``set_reachable(False)`` (the host stops answering),
-``fail_migrations`` and ``slow_migrations`` (how live migrations from the host go).
+``fail_migrations`` and ``slow_migrations`` (how live migrations from the host go),
+``crash``, ``isolate`` and ``restore`` (for high availability, below).
+
+High availability: every fake host "writes" a heartbeat on each of its datastores, and
+fake hosts with a datastore of the same name share it (as they do for live migration),
+so ``datastore_heartbeats`` lists every registered fake host having it. A heartbeat's
+age is counted on the hosts' ``clock`` (``time.monotonic`` unless a test gives its own):
+0 while the host writes, the time since it stopped once it ``crash``-ed. An ``isolate``-d
+host stops answering but goes on writing. ``recover`` moves a VM from the fake host that
+holds it on the shared datastore to this one, keeping its id, and starts it.
 
 The fake is honest where the center relies on a peer's behaviour: credentials and the
 pinned fingerprint are checked on every call, power actions follow the same state
@@ -30,13 +39,14 @@ import secrets
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
 from thinvisor.errors import (
     AlreadyExists,
+    Busy,
     CertificateMismatch,
     CredentialsRefused,
     InvalidArgument,
@@ -54,6 +64,7 @@ from thinvisor.providers.base import (
     ConsoleKind,
     CreateVm,
     DatastoreRecord,
+    HeartbeatRecord,
     HostRecord,
     InventorySnapshot,
     MigrationOptions,
@@ -196,6 +207,20 @@ class FakeHost:
     networks: list[NetworkRecord] = field(
         default_factory=lambda: [NetworkRecord("network1", "network1")]
     )
+    host_id: str = field(default_factory=lambda: f"fake-{uuid.uuid4().hex[:12]}")
+    """Its own id, as a thinvisor agent's: what its heartbeats are known by."""
+    clock: Callable[[], float] = field(default=time.monotonic, repr=False)
+    """The clock its heartbeats' ages are counted on."""
+    writing: bool = True
+    """Whether it writes its datastore heartbeats (``crash`` stops it)."""
+    stopped_writing: float | None = None
+    """When it stopped writing them, on ``clock``."""
+    fenced: bool = False
+    """What the next ``ha_heartbeat`` says (as a host that powered its VMs off says once)."""
+    center_timeout_s: float | None = None
+    """The timeout the center's last HA heartbeat gave; None: none came yet."""
+    center_heartbeats: int = 0
+    """How many HA heartbeats the center sent."""
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
     _feeds: list[_Feed] = field(default_factory=list, repr=False)
 
@@ -209,7 +234,20 @@ class FakeHost:
             cpus=self.cpus,
             memory_mib=self.memory_mib,
             maintenance=self.maintenance,
+            host_id=self.host_id,
         )
+
+    def has_datastore(self, name: str) -> bool:
+        return any(d.name == name for d in self.datastores)
+
+    def heartbeat(self, now: float) -> HeartbeatRecord:
+        """Its heartbeat on any of its datastores, as a host whose clock says ``now``
+        sees it."""
+        with self.lock:
+            if self.writing or self.stopped_writing is None:
+                return HeartbeatRecord(self.host_id, int(now), 0.0)
+            stopped = self.stopped_writing
+            return HeartbeatRecord(self.host_id, int(stopped), max(0.0, now - stopped))
 
     @property
     def templates(self) -> list[FakeVm]:
@@ -287,6 +325,30 @@ class FakeHost:
             self.reachable = reachable
             if not reachable:
                 self.end_feeds(Unreachable(f"{self.address}: the host does not answer"))
+
+    def crash(self) -> None:
+        """The host dies: it stops answering and writing its datastore heartbeats, and
+        its VMs are off (as after a power loss, said to no one: nobody hears it)."""
+        with self.lock:
+            self.set_reachable(False)
+            self.writing = False
+            self.stopped_writing = self.clock()
+            for vm in self.vms.values():
+                if vm.power_state in (PowerState.RUNNING, PowerState.PAUSED):
+                    vm.power_state = PowerState.STOPPED
+
+    def isolate(self) -> None:
+        """The host is cut off from the center only: it stops answering, and goes on
+        writing its datastore heartbeats (its VMs run on)."""
+        self.set_reachable(False)
+
+    def restore(self) -> None:
+        """The host is back (after ``crash`` or ``isolate``): it answers and writes its
+        heartbeats again."""
+        with self.lock:
+            self.writing = True
+            self.stopped_writing = None
+            self.set_reachable(True)
 
     def fail_migrations(self, error: ThinvisorError | None) -> None:
         """Make every migration from this host fail with ``error`` once its memory is
@@ -651,6 +713,48 @@ class FakeProvider(Provider):
             )
             return record
 
+    # --- High availability ---
+
+    async def ha_heartbeat(self, timeout_s: float) -> bool:
+        host = self._host()
+        with host.lock:
+            host.center_timeout_s = timeout_s
+            host.center_heartbeats += 1
+            fenced, host.fenced = host.fenced, False
+            return fenced
+
+    async def datastore_heartbeats(self, datastore: str) -> list[HeartbeatRecord]:
+        host = self._host()
+        if not host.has_datastore(datastore):
+            raise NotFound(f"datastore {datastore!r} does not exist")
+        now = host.clock()
+        with _hosts_lock:
+            sharing = [h for h in _hosts.values() if h.has_datastore(datastore)]
+        return sorted((h.heartbeat(now) for h in sharing), key=lambda b: b.host_id)
+
+    async def recover(self, vm_name: str, datastore: str) -> VmRecord:
+        host = self._host()
+        with host.lock:
+            if not host.has_datastore(datastore):
+                raise NotFound(f"datastore {datastore!r} does not exist")
+            if host.maintenance:
+                raise Busy(f"vm {vm_name!r}: cannot recover here: the host is in maintenance mode")
+            _check_new_name(host, vm_name)
+        owner = _holder(vm_name, datastore, host)
+        with _both_locked(owner, host):
+            vm = owner.vm_named(vm_name)
+            if vm.template:
+                raise InvalidState(vm.name, "a template", "recover")
+            _check_new_name(host, vm_name)
+            del owner.vms[vm.id]
+            vm.power_state = PowerState.RUNNING
+            host.vms[vm.id] = vm
+            message = f"{vm.name}: taken over by {host.name}"
+            owner.emit(ChangeEvent(ChangeKind.VM_REMOVED, message, vm.id, peer_kind="vm.fenced"))
+            said = f"{vm.name}: taken over from {owner.name} (HA)"
+            host.emit_vm(vm, "vm.recovered", said, self._user())
+            return vm.record()
+
     # --- Live migration ---
 
     async def migration_spec(self, vm_id: str) -> dict[str, Any]:
@@ -718,6 +822,18 @@ class FakeProvider(Provider):
             "transferred_bytes": moved.memory_mib << 20,
             "destination": ticket.address,
         }
+
+
+def _holder(vm_name: str, datastore: str, taker: FakeHost) -> FakeHost:
+    """The fake host other than ``taker`` whose VM ``vm_name`` lies on ``datastore``
+    (one they share), whether it answers or not."""
+    with _hosts_lock:
+        hosts = [h for h in _hosts.values() if h is not taker and h.has_datastore(datastore)]
+    for host in hosts:
+        with host.lock:
+            if any(v.name == vm_name and datastore in v.datastores for v in host.vms.values()):
+                return host
+    raise NotFound(f"datastore {datastore} holds no vm {vm_name!r}")
 
 
 def _check_new_name(host: FakeHost, name: str) -> None:

@@ -14,6 +14,10 @@ Events come from the agent's WebSocket ``/events/stream``. The provider keeps th
 the last event it saw (from ``connect`` on), so that a new stream after a reconnect
 resumes with ``since`` and nothing in between is lost; where the agent dropped or
 forgot events, the stream says ``RESYNC``.
+
+High availability goes through the agent's ``/ha`` routes: the center's heartbeat, the
+datastore heartbeats, and taking a dead host's VM over; ``HostRecord.host_id`` is the
+agent's own id (``GET /host``), which its heartbeat files are named by.
 """
 
 from __future__ import annotations
@@ -61,6 +65,7 @@ from thinvisor.providers.base import (
     ConsoleKind,
     CreateVm,
     DatastoreRecord,
+    HeartbeatRecord,
     HostRecord,
     InventorySnapshot,
     MigrationOptions,
@@ -80,6 +85,7 @@ USER_NETWORK = "user"  # QEMU's user networking: every host has it, no port grou
 CONNECT_TIMEOUT_S = 5.0
 REQUEST_TIMEOUT_S = 60.0
 PING_TIMEOUT_S = 5.0
+HEARTBEAT_TIMEOUT_S = 5.0  # the center's HA heartbeat: a host that takes longer is not heard
 TASK_POLL_MAX_S = 0.25
 SHUTDOWN_ASKED_S = 1.0  # how long a shutdown task is watched for an immediate refusal
 MIGRATION_CANCEL_S = 30.0  # how long a cancelled migration is given to stop on its host
@@ -138,6 +144,7 @@ def host_record(host: Json) -> HostRecord:
         cpus=host["cpus"],
         memory_mib=host["memory_total_mib"],
         maintenance=bool(host.get("maintenance", False)),
+        host_id=host.get("host_id"),
     )
 
 
@@ -167,6 +174,11 @@ def vm_record(vm: Json, datastores: dict[str, str]) -> VmRecord:
         networks=tuple(dict.fromkeys(n["network"] for n in spec.get("nics", []))),
         uuid=vm.get("uuid"),
     )
+
+
+def heartbeat_record(beat: Json) -> HeartbeatRecord:
+    """A ``HeartbeatRecord`` from the API's ``HeartbeatOut``."""
+    return HeartbeatRecord(host_id=str(beat["host"]), seq=int(beat["seq"]), age_s=beat["age_s"])
 
 
 def snapshot_record(snap: Json) -> SnapshotRecord:
@@ -606,6 +618,23 @@ class ThinvisorProvider(Provider):
             fingerprint=self.api.tls.pinned if self.api.tls is not None else None,
         )
 
+    # --- High availability ---
+
+    async def ha_heartbeat(self, timeout_s: float) -> bool:
+        body = {"timeout_s": timeout_s}
+        answer: Json = await self.api.json(
+            "POST", "/ha/heartbeat", body=body, timeout=HEARTBEAT_TIMEOUT_S
+        )
+        return bool(answer["fenced"])
+
+    async def datastore_heartbeats(self, datastore: str) -> list[HeartbeatRecord]:
+        beats = await self.api.json("GET", "/ha/heartbeats", params={"datastore": datastore})
+        return [heartbeat_record(b) for b in beats]
+
+    async def recover(self, vm_name: str, datastore: str) -> VmRecord:
+        body = {"vm": vm_name, "datastore": datastore, "start": True}
+        return await self._record(await self.api.json("POST", "/ha/recover", body=body))
+
     # --- Live migration ---
 
     async def migration_spec(self, vm_id: str) -> dict[str, Any]:
@@ -618,7 +647,7 @@ class ThinvisorProvider(Provider):
     async def prepare_incoming(
         self, spec: dict[str, Any], options: MigrationOptions
     ) -> MigrationTicket:
-        body = {"vm": spec, "mode": "auto", "datastore": options.datastore}
+        body = {"vm": spec, "mode": "auto", "datastore": options.datastore, "live": options.live}
         answer: Json = await self.api.json("POST", "/migrations/incoming", body=body)
         return MigrationTicket(
             id=str(answer["id"]),
