@@ -1,6 +1,8 @@
 """Live migration through the center, between thinvisor hosts in their own network
 namespaces: on a datastore directory all three share, and between their own datastores
 (the disks mirrored while the guest runs); and what a destination dying mid-way leaves.
+Then what rests on it: anti-affinity, maintenance mode, and HA after a host crash (its VMs
+restarted elsewhere) next to a host only cut off from the center (its VMs left alone).
 
 The guests prove it: each numbers sectors of its disk, one every 100 ms, with its uptime
 beside the number, while it moves. Afterwards the destination's disk must hold every
@@ -9,7 +11,9 @@ number once, in order, with a growing uptime: no write lost, none repeated, no r
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import tempfile
 import time
 from collections.abc import Iterator
@@ -73,6 +77,11 @@ def site(appliance: Appliance) -> Iterator[Site]:
         h1.create("counter", start=False, disk_mib=16, datastore="shared")
         h1.create("mirrored", start=False, disk_mib=16)
         h1.create("victim", start=False, disk_mib=16)
+        h1.create("apart1", start=False, datastore="shared")
+        agents[1].host.create("apart2", start=False, datastore="shared")
+        agents[1].host.create("alone", start=False, datastore="shared")
+        for name in ("m1", "m2", "m3", "m4", "later", "ha1", "ha2"):
+            agents[2].host.create(name, start=False, datastore="shared")
         with ThreadPoolExecutor(len(agents)) as pool:
             list(pool.map(LabAgent.start, agents))
         center = LabCenter(lab.center)
@@ -244,3 +253,93 @@ def _wait_task(site: Site, task_id: str) -> dict[str, Any]:
             return task
         time.sleep(0.25)
     raise AssertionError(f"task {task_id} did not finish")
+
+
+def _vm_hosts(site: Site) -> dict[str, str]:
+    return {vm["name"]: vm["host"] for vm in site.center.json("vm", "list")}
+
+
+def _start(site: Site, n: int, vm: str) -> None:
+    agent = site.agent(n)
+    before = agent.host.serial_log(vm).count(b"THINVISOR-APPLIANCE-READY")
+    site.center.cli("vm", "start", f"/dc/cl/host{n}/{vm}")
+    agent.host.wait_ready(vm, count=before + 1)
+
+
+def test_anti_affinity_keeps_two_vms_apart(site: Site) -> None:
+    _start(site, 1, "apart1")
+    _start(site, 2, "apart2")
+    site.center.cli("rule", "create", "/dc/cl", "apart", "--kind", "anti-affinity",
+                    "/dc/cl/host1/apart1", "/dc/cl/host2/apart2")  # fmt: skip
+    error = _migrate(site, "/dc/cl/host2/apart2", "host1", code=1)
+    assert "apart" in error and "anti-affinity" in error
+    assert _vm_hosts(site)["apart2"] == "host2"
+    # Elsewhere it may go.
+    _migrate(site, "/dc/cl/host2/apart2", "host3")
+    assert _vm_hosts(site)["apart2"] == "host3"
+
+
+def test_maintenance_mode_spreads_a_hosts_vms_over_the_others(site: Site) -> None:
+    for vm in ("m1", "m2", "m3", "m4"):
+        _start(site, 3, vm)
+    # apart2 came here too: its rule keeps it off host1.
+    site.center.cli("host", "maintenance", "/dc/cl/host3", "on")
+
+    hosts = _vm_hosts(site)
+    moved = [hosts[vm] for vm in ("m1", "m2", "m3", "m4")]
+    assert set(moved) == {"host1", "host2"}, moved  # spread, never all onto one
+    assert hosts["apart2"] == "host2"
+    assert [h["maintenance"] for h in site.center.json("host", "list")
+            if h["name"] == "host3"] == [True]  # fmt: skip
+    for vm in ("m1", "m2", "m3", "m4"):
+        n = int(hosts[vm].removeprefix("host"))
+        assert site.agent(n).host.sh(vm, "echo still-$((40+2))").strip().endswith("still-42")
+    # Nothing new starts on a host in maintenance: powered on, it is placed elsewhere.
+    started = site.center.json("vm", "start", "/dc/cl/host3/later")
+    assert started["moved"]["from"].startswith("/dc/cl/host3/")
+    assert started["power_state"] == "running"
+    hosts = _vm_hosts(site)
+    assert hosts["later"] in ("host1", "host2")
+    site.center.cli("host", "maintenance", "/dc/cl/host3", "off")
+    for vm in ("m1", "m2", "m3", "m4", "later", "apart1", "apart2"):
+        site.center.cli("vm", "stop", f"/dc/cl/{hosts[vm]}/{vm}")
+
+
+def test_ha_restarts_a_crashed_hosts_vms_but_not_an_isolated_hosts(site: Site) -> None:
+    center = site.center
+    center.cli("ha", "cluster", "/dc/cl", "on")
+    _start(site, 3, "ha1")
+    _start(site, 3, "ha2")
+    center.cli("ha", "vm", "/dc/cl/host3/ha1", "--priority", "high")
+    _start(site, 2, "alone")
+    crashed, isolated = site.agent(3), site.agent(2)
+    qemus = [crashed.host.pid("ha1"), crashed.host.pid("ha2")]
+    alone_pid = isolated.host.pid("alone")
+    ready_before = {vm: crashed.host.serial_log(vm).count(b"READY") for vm in ("ha1", "ha2")}
+    # host2 loses the center's network only (it still writes to the shared datastore);
+    # host3 crashes: its agent and its QEMUs are killed at once.
+    site.lab.center.ns.run("ip", "link", "set", "lab1", "down")
+    crashed.kill()
+    for pid in qemus:
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+    try:
+        deadline = time.monotonic() + 60
+        while {_vm_hosts(site).get(vm) for vm in ("ha1", "ha2")} != {"host1"}:
+            assert time.monotonic() < deadline, f"not restarted within 60 s: {_vm_hosts(site)}"
+            time.sleep(1)
+        survivor = site.agent(1)
+        for vm in ("ha1", "ha2"):
+            survivor.host.wait_for(vm, b"READY", count=ready_before[vm] + 1)
+        # The isolated host's VM still runs there, and nowhere else.
+        assert _alive(alone_pid or 0)
+        assert Inventory(survivor.host.config).find("alone") is None
+        assert _vm_hosts(site)["alone"] == "host2"
+        events = center.cli("events", "--kind", "ha.", "--limit", "50")
+        assert "isolated" in events and "host2" in events
+    finally:
+        site.lab.center.ns.run("ip", "link", "set", "lab1", "up")
+        crashed.start()
+    # The crashed host, back, no longer lists what was restarted elsewhere.
+    assert Inventory(crashed.host.config).find("ha1") is None
+    center.cli("ha", "cluster", "/dc/cl", "off")
