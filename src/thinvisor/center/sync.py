@@ -77,6 +77,7 @@ class HostSync:
         self._task: asyncio.Task[None] | None = None
         self._ever = False  # connected at least once
         self._reached = False  # connected in the current attempt
+        self._writes: set[asyncio.Future[Any]] = set()
 
     @property
     def connected(self) -> bool:
@@ -105,6 +106,16 @@ class HostSync:
                 await self._task
             self._task = None
         await self._drop()
+        # A write a cancellation left running in its thread ends before the database may
+        # be closed.
+        await asyncio.gather(*self._writes, return_exceptions=True)
+
+    async def _write(self, call: Callable[..., T], *args: Any) -> T:
+        """``call(*args)`` on the inventory, in a worker thread; ``stop`` waits for it."""
+        write = asyncio.ensure_future(asyncio.to_thread(call, *args))
+        self._writes.add(write)
+        write.add_done_callback(self._writes.discard)
+        return await asyncio.shield(write)
 
     async def run(self) -> None:
         """Connect, follow, and after every loss connect again, backing off."""
@@ -123,7 +134,7 @@ class HostSync:
     async def refresh(self) -> None:
         """Take a full snapshot now (after an operation that changed a lot, say)."""
         snap = await within(SNAPSHOT_TIMEOUT_S, self.provider().snapshot())
-        await asyncio.to_thread(self._store.apply_snapshot, self.host_id, snap)
+        await self._write(self._store.apply_snapshot, self.host_id, snap)
 
     async def _session(self) -> None:
         # Opening reads (and decrypts) the host's password from the database: a thread.
@@ -134,7 +145,7 @@ class HostSync:
         except BaseException:
             await _close(provider)
             raise
-        await asyncio.to_thread(self._store.apply_snapshot, self.host_id, snap)
+        await self._write(self._store.apply_snapshot, self.host_id, snap)
         self._provider, self.error = provider, None
         self._connected.set()
         verb = "reconnected" if self._ever else "connected"
@@ -156,7 +167,7 @@ class HostSync:
         while True:
             await asyncio.sleep(self._config.refresh_interval_s)
             snap = await within(SNAPSHOT_TIMEOUT_S, provider.snapshot())
-            await asyncio.to_thread(self._store.apply_snapshot, self.host_id, snap)
+            await self._write(self._store.apply_snapshot, self.host_id, snap)
 
     async def _follow(self, provider: Provider) -> None:
         async for change in provider.events():
@@ -166,13 +177,13 @@ class HostSync:
     async def _apply(self, provider: Provider, change: ChangeEvent) -> None:
         if change.kind is ChangeKind.RESYNC:
             snap = await within(SNAPSHOT_TIMEOUT_S, provider.snapshot())
-            await asyncio.to_thread(self._store.apply_snapshot, self.host_id, snap)
+            await self._write(self._store.apply_snapshot, self.host_id, snap)
         elif change.kind is ChangeKind.VM_CHANGED and change.vm is not None:
-            await asyncio.to_thread(self._store.apply_vm, self.host_id, change.vm)
+            await self._write(self._store.apply_vm, self.host_id, change.vm)
         elif change.kind is ChangeKind.VM_REMOVED and change.vm_id is not None:
-            await asyncio.to_thread(self._store.remove_vm, self.host_id, change.vm_id)
+            await self._write(self._store.remove_vm, self.host_id, change.vm_id)
         elif change.kind is ChangeKind.HOST_CHANGED and change.host is not None:
-            await asyncio.to_thread(self._store.set_host_connected, self.host_id, change.host)
+            await self._write(self._store.set_host_connected, self.host_id, change.host)
         vm = change.vm.name if change.vm is not None else change.vm_id
         self._emit(
             event_kind(change),
@@ -188,7 +199,7 @@ class HostSync:
         self.error = reason
         self._connected.clear()
         await self._drop()
-        await asyncio.to_thread(self._store.set_host_disconnected, self.host_id, reason)
+        await self._write(self._store.set_host_disconnected, self.host_id, reason)
         if first:
             log.warning("host %s disconnected: %s", self.name, reason)
             self._emit("host.disconnected", f"host {self.name!r} disconnected: {reason}")
