@@ -211,18 +211,31 @@ def test_live_migration_mirrors_disks_without_shared_storage(site: Site) -> None
     assert _stop_and_check_disk(dest, "mirrored") > count_before
 
 
+def _slow_move(site: Site, vm: str, to: str) -> str:
+    """Start moving ``vm`` at 4 MiB/s; its task's id once it is sending memory."""
+    task = site.center.json("vm", "migrate", vm, to, "--bandwidth", "4", "--no-wait")
+    deadline = time.monotonic() + 60
+    while "migrating memory" not in str(_task(site, task["id"]).get("message")):
+        assert time.monotonic() < deadline, "the migration did not reach its memory phase"
+        time.sleep(0.1)
+    return str(task["id"])
+
+
 def test_a_destination_dying_mid_way_leaves_the_vm_running_on_the_source(site: Site) -> None:
     _start_writing(site, "victim")
     source, dest = site.agent(1), site.agent(2)
     # Memory the guest cannot share as zero pages, sent slowly: the move takes a while.
     source.host.sh("victim", "dd if=/dev/urandom of=/tmp/fill bs=1M count=40 2>/dev/null")
-    task = site.center.json(
-        "vm", "migrate", "/dc/cl/host1/victim", "host2", "--bandwidth", "4", "--no-wait"
-    )
-    deadline = time.monotonic() + 60
-    while "migrating memory" not in str(_task(site, task["id"]).get("message")):
-        assert time.monotonic() < deadline, "the migration did not reach its memory phase"
-        time.sleep(0.1)
+    # Aborted on request first: the guest runs on where it was.
+    task_id = _slow_move(site, "/dc/cl/host1/victim", "host2")
+    site.center.cli("task", "cancel", task_id)
+    cancelled = _wait_task(site, task_id)
+    assert cancelled["state"] == "error" and cancelled["error"]["error"] == "cancelled"
+    count = _count(source, "victim")
+    assert _wait_count(source, "victim", count + 5) > count
+    assert Inventory(dest.host.config).find("victim") is None
+    # Then the destination dies mid-way.
+    task = {"id": _slow_move(site, "/dc/cl/host1/victim", "host2")}
     dest.kill()
     try:
         finished = _wait_task(site, task["id"])
@@ -280,8 +293,11 @@ def test_anti_affinity_keeps_two_vms_apart(site: Site) -> None:
 
 
 def test_maintenance_mode_spreads_a_hosts_vms_over_the_others(site: Site) -> None:
+    host3 = site.agent(3).host
     for vm in ("m1", "m2", "m3", "m4"):
-        _start(site, 3, vm)
+        site.center.cli("vm", "start", f"/dc/cl/host3/{vm}", "--no-wait")
+    for vm in ("m1", "m2", "m3", "m4"):
+        host3.wait_ready(vm)
     # apart2 came here too: its rule keeps it off host1.
     site.center.cli("host", "maintenance", "/dc/cl/host3", "on")
 
@@ -307,7 +323,8 @@ def test_maintenance_mode_spreads_a_hosts_vms_over_the_others(site: Site) -> Non
 
 def test_ha_restarts_a_crashed_hosts_vms_but_not_an_isolated_hosts(site: Site) -> None:
     center = site.center
-    center.cli("ha", "cluster", "/dc/cl", "on")
+    # The shortest timeout HA allows (15 s by default), to keep the test short.
+    center.cli("ha", "cluster", "/dc/cl", "on", "--timeout", "5")
     _start(site, 3, "ha1")
     _start(site, 3, "ha2")
     center.cli("ha", "vm", "/dc/cl/host3/ha1", "--priority", "high")
