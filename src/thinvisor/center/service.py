@@ -32,7 +32,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iter
 from dataclasses import dataclass, replace
 from typing import Any
 
-from thinvisor.center import drs
+from thinvisor.center import drs, transfer
 from thinvisor.center.config import SyncConfig
 from thinvisor.center.inventory import HostRow, Inventory, Node, VmRow
 from thinvisor.center.models import NodeKind
@@ -421,7 +421,13 @@ class CenterService:
         can migrate, the destination is not in maintenance mode (nor entering it), the
         options are in range; and unless ``force``, placement lets the destination take
         the VM: it breaks no rule of the VM's there, and has room for it if it runs
-        (``InsufficientResources`` naming the rule or the room)."""
+        (``InsufficientResources`` naming the rule or the room).
+
+        A stopped VM going to a host of another provider kind is transferred instead
+        (``thinvisor.center.transfer``), where both providers can ``TRANSFER``."""
+        if await transfer.crosses_kinds(self, vm_id, host_id):
+            moving = await transfer.plan(self, vm_id, host_id, options, force=force)
+            return await transfer.submit(self, moving, user)
         plan = await self._migration(vm_id, host_id, options, force=force)
         return await self._submit_migration(plan, user)
 

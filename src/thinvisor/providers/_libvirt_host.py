@@ -5,9 +5,11 @@ them); errors that libvirt would not name well are raised here as thinvisor's.""
 from __future__ import annotations
 
 import contextlib
+import shutil
 import uuid
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -20,6 +22,8 @@ from thinvisor.providers.base import (
     ConsoleKind,
     CreateVm,
     DatastoreRecord,
+    ExportedDisk,
+    ExportedVm,
     HostRecord,
     InventorySnapshot,
     NetworkRecord,
@@ -391,3 +395,120 @@ class Host:
                 " libvirt's console stream)"
             )
         raise Unsupported(f"{self.address}: domain {domain.name()!r} {reason}")
+
+    # Moving a stopped VM to another kind of host
+
+    def export_files(self, vm_id: str, directory: Path) -> ExportedVm:
+        """The stopped domain's own disks (pool volumes) and kernel boot files copied
+        into ``directory`` as they are (the provider flattens the disks). Its NICs,
+        CD-ROMs and snapshots do not move: one with snapshots is refused."""
+        domain = self.stopped(vm_id, "export")
+        name = domain.name()
+        if domain.snapshotNum(0):
+            raise Unsupported(f"{self.address}: domain {name!r} has snapshots: delete them first")
+        root = ET.fromstring(domain.XMLDesc(_INACTIVE_XML))
+        disks = []
+        for disk in lx.own_disks(root):
+            volume = self.volume_of(disk)
+            if volume is None:
+                raise Unsupported(
+                    f"{self.address}: disk {disk.target} of {name!r} ({disk.path})"
+                    " is in no storage pool: it cannot be read remotely"
+                )
+            target = directory / f"{disk.target}.orig"
+            self.download(volume, target)
+            disks.append(ExportedDisk(disk.target, target, format="raw"))
+        kernel, initrd, cmdline = lx.kernel_boot(root)
+        return ExportedVm(
+            name=name,
+            cpus=lx.vcpus(root),
+            memory_mib=lx.memory_mib(root),
+            disks=tuple(disks),
+            kernel=self.boot_file(name, kernel, directory / "vmlinuz"),
+            initrd=self.boot_file(name, initrd, directory / "initrd.img"),
+            cmdline=cmdline,
+        )
+
+    def download(self, volume: Any, target: Path) -> None:
+        """A volume's bytes, streamed from libvirt into the new file ``target``."""
+        stream = self.conn.newStream(0)
+        with target.open("xb") as out:
+            volume.download(stream, 0, 0, 0)
+            try:
+                stream.recvAll(lambda _stream, data, f: f.write(data), out)
+                stream.finish()
+            except BaseException:
+                with contextlib.suppress(libvirt.libvirtError):
+                    stream.abort()
+                raise
+
+    def upload(self, volume: Any, source: Path) -> None:
+        """The local file ``source`` streamed into ``volume`` (as large as it)."""
+        stream = self.conn.newStream(0)
+        volume.upload(stream, 0, source.stat().st_size, 0)
+        with source.open("rb") as f:
+            try:
+                stream.sendAll(lambda _stream, size, f: f.read(size), f)
+                stream.finish()
+            except BaseException:
+                with contextlib.suppress(libvirt.libvirtError):
+                    stream.abort()
+                raise
+
+    def boot_file(self, vm: str, path: str | None, target: Path) -> Path | None:
+        """A kernel or initrd copied to ``target``: from its pool volume, else read here
+        where libvirt runs on this machine (``qemu:///...``); None for no file."""
+        if path is None:
+            return None
+        try:
+            self.download(self.conn.storageVolLookupByPath(path), target)
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() not in MISSING:
+                raise
+            if urlsplit(self.address).hostname not in (None, "", "localhost"):
+                raise Unsupported(
+                    f"{self.address}: {path} (boot file of {vm!r}) is in no storage pool:"
+                    " it cannot be read remotely"
+                ) from None
+            shutil.copyfile(path, target)
+        return target
+
+    def import_files(self, exported: ExportedVm, datastore: str | None) -> VmRecord:
+        """A stopped domain made from ``exported``: its disks, kernel and initrd uploaded
+        into new volumes of the pool ``datastore`` (None: where new disks go), which are
+        deleted again if it fails."""
+        self.name_free(exported.name)
+        pool = self.conn.storagePoolLookupByName(datastore) if datastore else self.disk_pool()
+        used = [root.get("type", "") for root in self.definitions()]
+        kind, arch = lx.virt_type(self.conn.getCapabilities(), used)
+        made: list[Any] = []
+        # A tag of this import in the volumes' names: kernel and initrd volumes outlive
+        # their domain (``delete`` removes its disks only), so a name may come again.
+        stem = f"{exported.name}-{uuid.uuid4().hex[:8]}"
+        try:
+            disks = [
+                self.uploaded(pool, f"{stem}-{d.name}.qcow2", d.path, made) for d in exported.disks
+            ]
+            boot = tuple(
+                None if local is None else self.uploaded(pool, f"{stem}-{n}", local, made)
+                for n, local in (("vmlinuz", exported.kernel), ("initrd.img", exported.initrd))
+            )
+            pool.refresh(0)  # libvirt sees the uploaded images' formats
+            xml = lx.imported_domain_xml(exported, kind, arch, disks, (boot[0], boot[1]))
+            domain = self.conn.defineXML(xml)
+        except BaseException:
+            for volume in made:
+                with contextlib.suppress(libvirt.libvirtError):
+                    volume.delete(0)
+            raise
+        return self.record(domain)
+
+    def uploaded(self, pool: Any, name: str, source: Path, made: list[Any]) -> str:
+        """The path of a new volume ``name`` holding ``source``'s bytes (listed in
+        ``made``); made raw and exactly as large, so that the bytes are the image."""
+        size = source.stat().st_size
+        xml = lx.volume_xml(name, size, "raw")
+        volume = pool.createXML(xml, 0)
+        made.append(volume)
+        self.upload(volume, source)
+        return str(volume.path())

@@ -14,8 +14,8 @@ from xml.sax.saxutils import escape, quoteattr
 
 import libvirt
 
-from thinvisor.errors import ProviderError
-from thinvisor.providers.base import CreateVm, PowerState, SnapshotRecord
+from thinvisor.errors import InvalidArgument, ProviderError
+from thinvisor.providers.base import CreateVm, ExportedVm, PowerState, SnapshotRecord
 
 #: Domain types a new domain may get, best first, where the host's domains show none.
 VIRT_TYPE_PREFERENCE = ("kvm", "qemu", "xen")
@@ -226,6 +226,49 @@ def new_domain_xml(
         f"<domain type={quoteattr(kind)}><name>{escape(spec.name)}</name>"
         f"<memory unit='MiB'>{spec.memory_mib}</memory><vcpu>{spec.cpus}</vcpu>"
         f"<os><type arch={quoteattr(arch)}>hvm</type><boot dev='hd'/></os>"
+        "<features><acpi/><apic/></features><clock offset='utc'/>"
+        "<on_poweroff>destroy</on_poweroff><on_reboot>restart</on_reboot>"
+        f"<on_crash>destroy</on_crash><devices>{''.join(devices)}</devices></domain>"
+    )
+
+
+def kernel_boot(domain: ET.Element) -> tuple[str | None, str | None, str | None]:
+    """``(kernel, initrd, cmdline)`` of a domain's direct kernel boot (all None: none)."""
+    kernel = domain.findtext("os/kernel") or None
+    if kernel is None:
+        return None, None, None
+    return kernel, domain.findtext("os/initrd") or None, domain.findtext("os/cmdline") or ""
+
+
+def imported_domain_xml(
+    vm: ExportedVm,
+    kind: str,
+    arch: str,
+    disks: list[str],
+    boot: tuple[str | None, str | None],
+) -> str:
+    """The definition of a domain made from an exported VM: its qcow2 ``disks`` (files)
+    on virtio (vda, vdb, ...), direct kernel boot from ``boot`` (kernel, initrd paths)
+    where it has a kernel, else from the first disk; ACPI, a serial console, VNC."""
+    if len(disks) > 26:
+        raise InvalidArgument("disks", f"{len(disks)} disks: a domain takes at most 26 here")
+    devices = [
+        "<disk type='file' device='disk'><driver name='qemu' type='qcow2'/>"
+        f"<source file={quoteattr(path)}/><target dev='vd{chr(ord('a') + i)}' bus='virtio'/>"
+        "</disk>"
+        for i, path in enumerate(disks)
+    ]
+    devices += ["<serial type='pty'/>", "<console type='pty'/>", "<graphics type='vnc'/>"]
+    kernel, initrd = boot
+    loader = "<boot dev='hd'/>"
+    if kernel is not None:
+        loader = f"<kernel>{escape(kernel)}</kernel>"
+        loader += f"<initrd>{escape(initrd)}</initrd>" if initrd else ""
+        loader += f"<cmdline>{escape(vm.cmdline or '')}</cmdline>"
+    return (
+        f"<domain type={quoteattr(kind)}><name>{escape(vm.name)}</name>"
+        f"<memory unit='MiB'>{vm.memory_mib}</memory><vcpu>{vm.cpus}</vcpu>"
+        f"<os><type arch={quoteattr(arch)}>hvm</type>{loader}</os>"
         "<features><acpi/><apic/></features><clock offset='utc'/>"
         "<on_poweroff>destroy</on_poweroff><on_reboot>restart</on_reboot>"
         f"<on_crash>destroy</on_crash><devices>{''.join(devices)}</devices></domain>"

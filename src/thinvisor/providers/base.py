@@ -20,6 +20,7 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
+from pathlib import Path
 from typing import Any, ClassVar
 
 from thinvisor.errors import Unsupported
@@ -55,6 +56,10 @@ class Capability(StrEnum):
     """High availability: ``ha_heartbeat()`` (the center's heartbeat, which arms the host's
     self-fencing), ``datastore_heartbeats()`` (every host's heartbeat on a shared
     datastore) and ``recover()`` (take a dead host's VM over and start it)."""
+    TRANSFER = "transfer"
+    """Move a stopped VM to a host of another provider kind through the center's
+    machine: ``export_vm()`` (its disks flattened to qcow2, its boot files) and
+    ``import_vm()`` (a stopped VM made from them)."""
 
 
 class PowerState(StrEnum):
@@ -277,6 +282,30 @@ class HeartbeatRecord:
     """Seconds since it was last written, by the clock of the host asked."""
 
 
+@dataclass(frozen=True)
+class ExportedDisk:
+    """One disk of an exported VM: a single image, no backing chain."""
+
+    name: str
+    path: Path
+    """The image on the center's machine."""
+    format: str = "qcow2"
+
+
+@dataclass(frozen=True)
+class ExportedVm:
+    """A stopped VM as ``export_vm`` wrote it into a directory on the center's machine."""
+
+    name: str
+    cpus: int
+    memory_mib: int
+    disks: tuple[ExportedDisk, ...] = ()
+    kernel: Path | None = None
+    """The kernel for direct kernel boot; None: the VM boots through its firmware."""
+    initrd: Path | None = None
+    cmdline: str | None = None
+
+
 #: Reports how far a migration is: a percentage and what it is doing.
 MigrationProgress = Callable[[int, str], None]
 
@@ -417,3 +446,16 @@ class Provider(ABC):
         check."""
         self.require(Capability.HA)
         raise AssertionError("a provider with HA overrides recover()")
+
+    async def export_vm(self, vm_id: str, directory: Path) -> ExportedVm:
+        """Write the stopped VM's disks (each one flattened qcow2 image) and boot files
+        into ``directory`` on the center's machine; the VM itself stays as it is.
+        ``InvalidState`` unless it is stopped, ``Unsupported`` for what cannot move."""
+        self.require(Capability.TRANSFER)
+        raise AssertionError("a provider with TRANSFER overrides export_vm()")
+
+    async def import_vm(self, exported: ExportedVm, datastore: str | None) -> VmRecord:
+        """A stopped VM made here from ``exported`` (its files copied in), in
+        ``datastore`` (None: the host's default); nothing is left of it when it fails."""
+        self.require(Capability.TRANSFER)
+        raise AssertionError("a provider with TRANSFER overrides import_vm()")

@@ -6,7 +6,12 @@ test's) sees the same host. Tests make hosts with ``fake_host()`` and drive them
 the ``FakeHost`` helpers: ``add_vm``, ``remove_vm``, ``set_power`` (a change made on the
 host behind the center's back), ``set_reachable(False)`` (the host stops answering),
 ``fail_migrations`` and ``slow_migrations`` (how live migrations from the host go),
-``crash``, ``isolate`` and ``restore`` (for high availability, below).
+``crash``, ``isolate`` and ``restore`` (for high availability, below),
+``fail_imports`` (how VMs moved in from another kind of host go).
+
+Moving a stopped VM to another kind of host (``TRANSFER``): a fake VM's disks are
+strings held in memory (``FakeVm.disks``); ``export_vm`` writes each to a file and
+``import_vm`` reads them back, so a VM imported from files that are gone fails.
 
 High availability: every fake host "writes" a heartbeat on each of its datastores, and
 fake hosts with a datastore of the same name share it (as they do for live migration),
@@ -42,6 +47,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, ClassVar
 
 from thinvisor.errors import (
@@ -54,6 +60,7 @@ from thinvisor.errors import (
     NotFound,
     ThinvisorError,
     Unreachable,
+    Unsupported,
 )
 from thinvisor.providers.base import (
     Capability,
@@ -64,6 +71,8 @@ from thinvisor.providers.base import (
     ConsoleKind,
     CreateVm,
     DatastoreRecord,
+    ExportedDisk,
+    ExportedVm,
     HeartbeatRecord,
     HostRecord,
     InventorySnapshot,
@@ -131,6 +140,8 @@ class FakeVm:
     uuid: str = field(default_factory=lambda: str(uuid.uuid4()))
     snapshots: dict[str, FakeSnapshot] = field(default_factory=dict)
     current_snapshot: str | None = None
+    disks: tuple[str, ...] = ()
+    """The contents of its disks (none unless a test or an import gave some)."""
 
     def record(self) -> VmRecord:
         return VmRecord(
@@ -200,6 +211,8 @@ class FakeHost:
     """What every migration from this host fails with (``fail_migrations``); None: none."""
     migration_s: float = 0.0
     """How long a migration from this host takes (``slow_migrations``)."""
+    import_error: ThinvisorError | None = None
+    """What every ``import_vm`` on this host fails with (``fail_imports``); None: none."""
     vms: dict[str, FakeVm] = field(default_factory=dict)
     datastores: list[DatastoreRecord] = field(
         default_factory=lambda: [DatastoreRecord("datastore1", "datastore1", 1 << 40, 1 << 39)]
@@ -354,6 +367,11 @@ class FakeHost:
         """Make every migration from this host fail with ``error`` once its memory is
         copied, the VM still running here (None: migrations succeed again)."""
         self.migration_error = error
+
+    def fail_imports(self, error: ThinvisorError | None) -> None:
+        """Make every VM import into this host fail with ``error``, once its files are
+        read (None: imports succeed again)."""
+        self.import_error = error
 
     def slow_migrations(self, seconds: float) -> None:
         """Make every migration from this host take ``seconds`` (to cancel one, say)."""
@@ -756,6 +774,48 @@ class FakeProvider(Provider):
             return vm.record()
 
     # --- Live migration ---
+
+    # --- Moving a stopped VM to another kind of host ---
+
+    async def export_vm(self, vm_id: str, directory: Path) -> ExportedVm:
+        host = self._host()
+        with host.lock:
+            vm = host.vm(vm_id)
+            if vm.template or vm.power_state != PowerState.STOPPED:
+                state = "a template" if vm.template else vm.power_state.value
+                raise InvalidState(vm.name, state, "export")
+            if vm.snapshots:
+                raise Unsupported(f"vm {vm.name!r} has snapshots: delete them before it moves")
+            exported = ExportedVm(vm.name, vm.cpus, vm.memory_mib)
+            contents = vm.disks
+        disks = []
+        for i, content in enumerate(contents):
+            path = directory / f"disk{i}.qcow2"
+            await asyncio.to_thread(path.write_text, content)
+            disks.append(ExportedDisk(f"disk{i}", path))
+        return replace(exported, disks=tuple(disks))
+
+    async def import_vm(self, exported: ExportedVm, datastore: str | None) -> VmRecord:
+        host = self._host()
+        contents = [await asyncio.to_thread(d.path.read_text) for d in exported.disks]
+        with host.lock:
+            if host.import_error is not None:
+                raise host.import_error
+            _check_new_name(host, exported.name)
+            if datastore is not None and not host.has_datastore(datastore):
+                raise InvalidArgument("datastore", f"{host.address} has no datastore {datastore!r}")
+            store = datastore or (host.datastores[0].name if host.datastores else None)
+            vm = FakeVm(
+                id=_next_id("vm"),
+                name=exported.name,
+                cpus=_cpus(exported.cpus),
+                memory_mib=_memory(exported.memory_mib),
+                datastores=(store,) if store else (),
+                disks=tuple(contents),
+            )
+            host.vms[vm.id] = vm
+            host.emit_vm(vm, "vm.created", f"{vm.name}: imported", self._user())
+            return vm.record()
 
     async def migration_spec(self, vm_id: str) -> dict[str, Any]:
         host = self._host()

@@ -56,7 +56,8 @@ import asyncio
 import contextlib
 import threading
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 import libvirt
@@ -70,6 +71,7 @@ from thinvisor.errors import (
     ProviderError,
     ThinvisorError,
     Unreachable,
+    Unsupported,
 )
 from thinvisor.providers import _libvirt_xml as lx
 from thinvisor.providers._libvirt_host import MISSING, Host
@@ -82,6 +84,8 @@ from thinvisor.providers.base import (
     ConsoleEndpoint,
     ConsoleKind,
     CreateVm,
+    ExportedDisk,
+    ExportedVm,
     HostRecord,
     InventorySnapshot,
     PowerAction,
@@ -90,6 +94,7 @@ from thinvisor.providers.base import (
     SnapshotRecord,
     VmRecord,
 )
+from thinvisor.storage.disk import Images
 
 T = TypeVar("T")
 
@@ -230,6 +235,7 @@ class LibvirtProvider(Provider):
             Capability.CLONE,
             Capability.SNAPSHOT,
             Capability.CONSOLE,
+            Capability.TRANSFER,
         }
     )
 
@@ -482,6 +488,20 @@ class LibvirtProvider(Provider):
             Capability.CONSOLE, Host.console, vm_id, kind, action="open a console"
         )
 
+    async def export_vm(self, vm_id: str, directory: Path) -> ExportedVm:
+        """The stopped domain's volumes (flattened to qcow2 here) and boot files."""
+        self.require(Capability.TRANSFER)
+        exported = await self._run(Host.export_files, vm_id, directory, vm=vm_id, action="export")
+        disks = [await _flattened(exported.name, disk) for disk in exported.disks]
+        return replace(exported, disks=tuple(disks))
+
+    async def import_vm(self, exported: ExportedVm, datastore: str | None) -> VmRecord:
+        self.require(Capability.TRANSFER)
+        _check_name("name", exported.name)
+        return await self._run(
+            Host.import_files, exported, datastore, vm=exported.name, action="import"
+        )
+
     async def _on_vm(
         self,
         needs: Capability,
@@ -494,6 +514,22 @@ class LibvirtProvider(Provider):
         capability it ``needs``."""
         self.require(needs)
         return await self._run(operation, vm_id, *args, vm=vm_id, action=action)
+
+
+async def _flattened(vm: str, disk: ExportedDisk) -> ExportedDisk:
+    """A downloaded volume converted into one qcow2 image next to it (an overlay, whose
+    backing file did not come along, is refused)."""
+    images = Images()
+    info = await images.info(disk.path)
+    if info.backing_file:
+        raise Unsupported(
+            f"domain {vm!r}: disk {disk.name} is an overlay on {info.backing_file}:"
+            " flatten it (virsh blockpull) before it moves"
+        )
+    target = disk.path.with_name(f"{disk.name}.qcow2")
+    await images.convert(disk.path, target, "qcow2", source_format=info.format)
+    disk.path.unlink()
+    return ExportedDisk(disk.name, target, "qcow2")
 
 
 def _alive(conn: Any) -> bool:

@@ -26,8 +26,9 @@ import asyncio
 import base64
 import contextlib
 import json
+import uuid
 from collections.abc import AsyncIterator, Sequence
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from typing import Any, ClassVar
 from urllib.parse import quote
 
@@ -55,6 +56,7 @@ from thinvisor.errors import (
     ProviderError,
     ThinvisorError,
     Unreachable,
+    Unsupported,
 )
 from thinvisor.providers.base import (
     Capability,
@@ -65,6 +67,8 @@ from thinvisor.providers.base import (
     ConsoleKind,
     CreateVm,
     DatastoreRecord,
+    ExportedDisk,
+    ExportedVm,
     HeartbeatRecord,
     HostRecord,
     InventorySnapshot,
@@ -79,6 +83,7 @@ from thinvisor.providers.base import (
     SnapshotRecord,
     VmRecord,
 )
+from thinvisor.storage.disk import Images
 
 VENDOR = "thinvisor"
 USER_NETWORK = "user"  # QEMU's user networking: every host has it, no port group
@@ -90,6 +95,13 @@ TASK_POLL_MAX_S = 0.25
 SHUTDOWN_ASKED_S = 1.0  # how long a shutdown task is watched for an immediate refusal
 MIGRATION_CANCEL_S = 30.0  # how long a cancelled migration is given to stop on its host
 SERIAL_PORT = "serial0"
+COPY_CHUNK = 1 << 20  # bytes per read of a file downloaded or uploaded
+#: Where an imported VM's disk images wait in a datastore until the VM is made from
+#: them (the datastore API keeps names starting with '.' for itself).
+STAGING_DIR = "thinvisor-import"
+#: Where an imported VM's kernel and initrd are kept in its datastore (a VM's own
+#: directory takes no uploads; kernel boot reads them from here).
+BOOT_FILES_DIR = "boot-files"
 _FINISHED = ("success", "error")
 _CLOSE_DROPPED = 1013  # the agent dropped the stream's subscriber: it fell behind
 
@@ -201,6 +213,23 @@ def datastore_record(ds: Json) -> DatastoreRecord:
         capacity_bytes=ds.get("capacity_bytes"),
         free_bytes=ds.get("free_bytes"),
     )
+
+
+def file_path(datastore: str, relpath: str) -> str:
+    """The route of a file in a datastore."""
+    return f"/datastores/{quote(datastore, safe='')}/files/{quote(relpath)}"
+
+
+def datastore_file(path: str, vm: str, own: str, datastores: dict[str, str]) -> tuple[str, str]:
+    """``(datastore, path inside it)`` of a file a VM's spec names: relative to the VM's
+    directory in its own datastore ``own``, or absolute inside one of ``datastores``."""
+    if not PurePosixPath(path).is_absolute():
+        return own, f"{vm}/{path}"
+    name = disk_datastore(path, own, datastores)
+    root = datastores.get(name)
+    if root is None or not PurePosixPath(path).is_relative_to(PurePosixPath(root)):
+        raise Unsupported(f"vm {vm!r}: {path} is in none of the host's datastores")
+    return name, str(PurePosixPath(path).relative_to(PurePosixPath(root)))
 
 
 def create_body(spec: CreateVm) -> Json:
@@ -342,6 +371,39 @@ class AgentApi:
             await asyncio.sleep(delay)
             delay = min(delay * 2, TASK_POLL_MAX_S)
             task = (await self.call("GET", task_path(task["id"]))).json()
+
+    async def download(self, path: str, target: Path) -> None:
+        """Stream the file the agent serves at ``path`` into the new file ``target``."""
+        await self.refuse_unpinned()
+        try:
+            async with self.client.stream("GET", path, headers=self.headers) as response:
+                if response.status_code >= 400:
+                    await response.aread()
+                    raise self.answer_error(response)
+                with target.open("xb") as out:
+                    async for chunk in response.aiter_bytes(COPY_CHUNK):
+                        await asyncio.to_thread(out.write, chunk)
+        except httpx.TransportError as exc:
+            raise self.transport_error(exc) from exc
+
+    async def upload(self, path: str, source: Path) -> None:
+        """Stream the local file ``source`` to the agent's ``PUT path`` (a datastore file)."""
+        await self.refuse_unpinned()
+
+        async def chunks() -> AsyncIterator[bytes]:
+            with source.open("rb") as f:
+                while chunk := await asyncio.to_thread(f.read, COPY_CHUNK):
+                    yield chunk
+
+        headers = {**self.headers, "content-length": str(source.stat().st_size)}
+        try:
+            response = await self.client.request(
+                "PUT", path, content=chunks(), headers=headers, timeout=httpx.Timeout(None)
+            )
+        except httpx.TransportError as exc:
+            raise self.transport_error(exc) from exc
+        if response.status_code >= 400:
+            raise self.answer_error(response)
 
     def transport_error(
         self, exc: httpx.TransportError | OSError | InvalidHandshake
@@ -637,6 +699,123 @@ class ThinvisorProvider(Provider):
 
     # --- Live migration ---
 
+    # --- Moving a stopped VM to another kind of host ---
+
+    async def export_vm(self, vm_id: str, directory: Path) -> ExportedVm:
+        """The stopped VM's disks downloaded from its datastores and converted to qcow2
+        there (a disk with a backing file is refused), its kernel and initrd downloaded.
+        Its NICs, CD-ROM and snapshots do not move (one with snapshots is refused)."""
+        vm = await self.api.json("GET", vm_path(vm_id))
+        if vm["state"] != PowerState.STOPPED.value:
+            raise InvalidState(vm_id, vm["state"], "export")
+        if (await self.api.json("GET", vm_path(vm_id, "snapshots")))["snapshots"]:
+            raise Unsupported(f"vm {vm_id!r} has snapshots: delete them before it moves")
+        await self._record(vm)  # learns the datastores' directories
+        spec: Json = vm["spec"]
+        disks = []
+        for disk in spec.get("disks", []):
+            fetched = await self._fetch(vm, disk["path"], directory / f"{disk['name']}.orig")
+            disks.append(await _flattened(vm_id, disk["name"], fetched))
+        boot: Json = spec.get("boot") or {}
+        kernel = initrd = None
+        if boot.get("kind") == "kernel":
+            kernel = await self._fetch(vm, boot["kernel"], directory / "vmlinuz")
+            if boot.get("initrd"):
+                initrd = await self._fetch(vm, boot["initrd"], directory / "initrd.img")
+        return ExportedVm(
+            name=vm["name"],
+            cpus=spec["vcpus"],
+            memory_mib=spec["memory_mib"],
+            disks=tuple(disks),
+            kernel=kernel,
+            initrd=initrd,
+            cmdline=boot.get("cmdline") if kernel is not None else None,
+        )
+
+    async def _fetch(self, vm: Json, path: str, target: Path) -> Path:
+        """Download a file the VM's spec names into ``target``."""
+        where = datastore_file(path, vm["name"], vm["datastore"], self._datastores)
+        await self.api.download(file_path(*where), target)
+        return target
+
+    async def import_vm(self, exported: ExportedVm, datastore: str | None) -> VmRecord:
+        """Upload the disks into a staging directory of the datastore, create the VM
+        importing them, then point its kernel boot at the kernel and initrd uploaded to
+        ``boot-files/<vm>-<id>/``; the staging files are deleted whether it worked or not."""
+        store = datastore or await self._default_datastore()
+        staging = f"{STAGING_DIR}/{exported.name}-{uuid.uuid4().hex[:8]}"
+        uploaded: list[str] = []
+        try:
+            body = await self._import_body(exported, store, staging, uploaded)
+            made = await self.api.json("POST", "/vms", body=body)
+            if exported.kernel is not None:
+                try:
+                    boot = await self._boot_files(exported, store, staging.split("/")[1])
+                    made = await self.api.json("PATCH", vm_path(made["name"]), body=boot)
+                except BaseException:
+                    with contextlib.suppress(ThinvisorError):  # the first error is the one
+                        await self.delete(made["name"])
+                    raise
+            return await self._record(made)
+        finally:
+            await self._remove_staged(store, staging, uploaded)
+
+    async def _default_datastore(self) -> str:
+        """Where an imported VM goes when no datastore is asked for."""
+        stores = await self.api.json("GET", "/datastores")
+        if not stores:
+            raise InvalidArgument("datastore", f"{self.connection.address} has no datastore")
+        return str(stores[0]["name"])  # the agent's first, as it lists them
+
+    async def _import_body(
+        self, exported: ExportedVm, store: str, staging: str, uploaded: list[str]
+    ) -> Json:
+        """The ``POST /vms`` body, each disk uploaded to ``staging`` first (and listed in
+        ``uploaded``). The VM firmware-boots until its kernel is in place."""
+        roots = await self._datastore_roots()
+        if store not in roots:
+            raise InvalidArgument(
+                "datastore", f"{self.connection.address} has no datastore {store!r}"
+            )
+        disks = []
+        for disk in exported.disks:
+            relpath = f"{staging}/{disk.name}.{disk.format}"
+            uploaded.append(relpath)
+            await self.api.upload(file_path(store, relpath), disk.path)
+            disks.append({"source": f"{roots[store]}/{relpath}", "format": "qcow2"})
+        return {
+            "name": exported.name,
+            "vcpus": exported.cpus,
+            "memory_mib": exported.memory_mib,
+            "datastore": store,
+            "disks": disks,
+        }
+
+    async def _boot_files(self, exported: ExportedVm, store: str, tag: str) -> Json:
+        """Upload the kernel and initrd; the ``PATCH`` body that boots from them."""
+        roots = await self._datastore_roots()
+        folder = f"{BOOT_FILES_DIR}/{tag}"
+        boot: Json = {"kind": "kernel", "cmdline": exported.cmdline or ""}
+        for key, local, name in (
+            ("kernel", exported.kernel, "vmlinuz"),
+            ("initrd", exported.initrd, "initrd.img"),
+        ):
+            if local is not None:
+                await self.api.upload(file_path(store, f"{folder}/{name}"), local)
+                boot[key] = f"{roots[store]}/{folder}/{name}"
+        return {"boot": boot}
+
+    async def _datastore_roots(self) -> dict[str, str]:
+        stores = await self.api.json("GET", "/datastores")
+        self._datastores = {d["name"]: d["path"] for d in stores}
+        return self._datastores
+
+    async def _remove_staged(self, store: str, staging: str, uploaded: list[str]) -> None:
+        """Delete the staged files and their directory, as far as the agent lets us."""
+        for relpath in [*uploaded, staging, STAGING_DIR]:  # the last: unless others use it
+            with contextlib.suppress(ThinvisorError):
+                await self.api.call("DELETE", file_path(store, relpath))
+
     async def migration_spec(self, vm_id: str) -> dict[str, Any]:
         vm: Json = await self.api.json("GET", vm_path(vm_id))
         spec: Json | None = vm.get("spec")
@@ -697,6 +876,21 @@ class ThinvisorProvider(Provider):
                 return await self.api.finished_task(task)
         except (ThinvisorError, TimeoutError):
             return None
+
+
+async def _flattened(vm: str, name: str, fetched: Path) -> ExportedDisk:
+    """``fetched`` (a downloaded disk image) converted into one qcow2 image next to it."""
+    images = Images()
+    info = await images.info(fetched)
+    if info.backing_file:
+        raise Unsupported(
+            f"vm {vm!r}: disk {name} is an overlay on {info.backing_file}:"
+            " flatten it on the host before it moves"
+        )
+    target = fetched.with_name(f"{name}.qcow2")
+    await images.convert(fetched, target, "qcow2", source_format=info.format)
+    fetched.unlink()
+    return ExportedDisk(name=name, path=target, format="qcow2")
 
 
 def migrate_body(ticket: MigrationTicket, options: MigrationOptions) -> Json:
