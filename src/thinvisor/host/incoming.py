@@ -303,10 +303,11 @@ class IncomingMigrations:
                 data = await stream[0].read(min(left, tunnel.CHUNK))
                 if not data:
                     raise TunnelError(f"the source stopped sending {name}")
-                f.write(data)
+                # Disk images are large: their writes and fsync stay off the loop.
+                await asyncio.to_thread(f.write, data)
                 left -= len(data)
             f.flush()
-            os.fsync(f.fileno())
+            await asyncio.to_thread(os.fsync, f.fileno())
         partial.rename(target)
 
     def _make_dir(self, incoming: Incoming) -> None:
