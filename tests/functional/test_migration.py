@@ -25,8 +25,9 @@ from typing import Any
 
 import pytest
 
-from tests.peers.lab import Lab
+from tests.peers.lab import Lab, in_namespace
 from thinvisor.appliance import Appliance
+from thinvisor.host import hostinfo
 from thinvisor.host.inventory import Inventory
 
 from .centerenv import LabAgent, LabCenter
@@ -35,6 +36,8 @@ from .hostenv import TestHost
 pytestmark = pytest.mark.functional
 
 SECTOR = 512
+_FACTS = hostinfo.host_facts()
+RESERVED_MHZ = _FACTS.cpus * _FACTS.core_mhz * 6 // 10
 #: The guest's writer: sector i holds "i <uptime>"; /tmp/count the last i (renamed into
 #: place, so that a reader never sees it half written).
 WRITER = (
@@ -80,6 +83,10 @@ def site(appliance: Appliance) -> Iterator[Site]:
         h1.create("apart1", start=False, datastore="shared")
         agents[1].host.create("apart2", start=False, datastore="shared")
         agents[1].host.create("alone", start=False, datastore="shared")
+        # Each reserves 60% of a host's CPU: no two fit on one host.
+        reserve = {"cpu_reservation_mhz": RESERVED_MHZ}
+        for name in ("res1", "res2"):
+            agents[1].host.create(name, start=False, datastore="shared", resources=reserve)
         for name in ("m1", "m2", "m3", "m4", "later", "ha1", "ha2"):
             agents[2].host.create(name, start=False, datastore="shared")
         with ThreadPoolExecutor(len(agents)) as pool:
@@ -319,6 +326,40 @@ def test_maintenance_mode_spreads_a_hosts_vms_over_the_others(site: Site) -> Non
     site.center.cli("host", "maintenance", "/dc/cl/host3", "off")
     for vm in ("m1", "m2", "m3", "m4", "later", "apart1", "apart2"):
         site.center.cli("vm", "stop", f"/dc/cl/{hosts[vm]}/{vm}")
+
+
+def _host_info(agent: LabAgent) -> Any:
+    def read() -> Any:
+        with agent.client() as c:
+            return c.get("/host").json()
+
+    return in_namespace(agent.node.ns.name, read)
+
+
+def test_placement_weighs_what_hosts_and_vms_reserve_and_the_cpu_load(site: Site) -> None:
+    # What placement weighs reaches the center from the agents.
+    info = _host_info(site.agent(2))
+    hosts = {h["name"]: h for h in site.center.json("host", "list")}
+    assert hosts["host2"]["core_mhz"] == info["core_mhz"] > 0
+    assert hosts["host2"]["reserved_memory_mib"] == info["host_reservation"]["memory_mib"]
+    vms = {vm["name"]: vm for vm in site.center.json("vm", "list")}
+    assert vms["res1"]["reserved_cpu_mhz"] == vms["res2"]["reserved_cpu_mhz"] == RESERVED_MHZ
+    deadline = time.monotonic() + 60  # the agent's CPU load: from its second sample on
+    while (load := _host_info(site.agent(2))["cpu_load"]) is None:
+        assert time.monotonic() < deadline, "the agent never said its CPU load"
+        time.sleep(1)
+    assert 0 <= load <= 1
+    # res1 takes 60% of host2's CPU: res2, powered on there, is placed elsewhere first
+    # (without the center knowing, host2's admission control would refuse it).
+    _start(site, 2, "res1")
+    started = site.center.json("vm", "start", "/dc/cl/host2/res2")
+    assert started["moved"]["from"] == "/dc/cl/host2/res2"
+    assert started["power_state"] == "running"
+    where = _vm_hosts(site)["res2"]
+    assert where in ("host1", "host3")
+    site.agent(int(where.removeprefix("host"))).host.wait_ready("res2")
+    site.center.cli("vm", "stop", f"/dc/cl/{where}/res2")
+    site.center.cli("vm", "stop", "/dc/cl/host2/res1")
 
 
 def test_ha_restarts_a_crashed_hosts_vms_but_not_an_isolated_hosts(site: Site) -> None:

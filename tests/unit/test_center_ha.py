@@ -460,6 +460,9 @@ def test_the_migration_gives_existing_clusters_and_vms_their_defaults(
         assert inv.cluster_ha(2).timeout_s == 15.0 and not inv.cluster_ha(2).enabled
         assert inv.vm(4).ha_priority == HaPriority.MEDIUM
         assert inv.host(3).agent_id is None
+        # Revision 0004: placement's inputs, none known yet.
+        assert (inv.host(3).core_mhz, inv.host(3).cpu_load, inv.vm(4).reserved_cpu_mhz) == (
+            0, None, 0)  # fmt: skip
         inv.set_cluster_ha(2, True)
     finally:
         db.close()

@@ -76,9 +76,12 @@ def test_the_loads_are_read_from_the_inventory(run: Callable[[Scenario], None]) 
         h1 = await site.add("h1", parent="/dc1/f1/c2", cpus=4, memory_mib=16384)
         h2 = await site.add("h2", parent="/dc1/f1/c2", cpus=2, memory_mib=4096)
         h3 = await site.add("h3", parent="/dc1")
-        h1.add_vm("r1", power_state=R, memory_mib=1024)
-        h1.add_vm("p1", power_state=S.PAUSED, memory_mib=512)
-        h1.add_vm("s1", memory_mib=2048, cpus=2)
+        h1.core_mhz, h1.cpu_load, h2.core_mhz = 2500, 0.25, 0  # as the next sync reads them
+        # A powered-on VM's CPU reservation counts on its host; a stopped one's does not.
+        h1.add_vm("r1", power_state=R, memory_mib=1024).reserved_cpu_mhz = 1000
+        h1.add_vm("p1", power_state=S.PAUSED, memory_mib=512).reserved_cpu_mhz = 500
+        s1 = h1.add_vm("s1", memory_mib=2048, cpus=2)
+        s1.reserved_cpu_mhz, s1.reserved_memory_mib = 300, 512
         h1.add_vm("t1", template=True, memory_mib=4096)
         h2.add_vm("r2", power_state=R, memory_mib=256)
         h3.add_vm("r3", power_state=R)
@@ -91,7 +94,9 @@ def test_the_loads_are_read_from_the_inventory(run: Callable[[Scenario], None]) 
         loads = drs.cluster_loads(inventory, site.agent.service.rules, c2, entering={row2.id})
         row1 = site.hosts["h1"]
         assert loads.hosts == {
-            row1.id: HostLoad(row1.id, "h1", c2, True, False, 4, 0, 16384, 1536, 0.0),
+            row1.id: HostLoad(
+                row1.id, "h1", c2, True, False, 4, 2500, 16384, 1536, 0.25, reserved_cpu_mhz=1500
+            ),
             row2.id: HostLoad(row2.id, "h2", c2, False, True, 2, 0, 4096, 256, 0.0),
         }
         assert set(loads.rows) == {row1.id, row2.id}
@@ -102,7 +107,7 @@ def test_the_loads_are_read_from_the_inventory(run: Callable[[Scenario], None]) 
         assert [vm.name for vm in loads.on(row1.id)] == ["p1", "r1"]
         assert drs.demand(loads.vms[ids["s1"]]).__dict__ == {
             "vm_id": ids["s1"], "name": "s1", "memory_mib": 2048, "cpus": 2,
-            "reserved_memory_mib": 0, "reserved_cpu_mhz": 0, "host_id": row1.id}  # fmt: skip
+            "reserved_memory_mib": 512, "reserved_cpu_mhz": 300, "host_id": row1.id}  # fmt: skip
         assert drs.cluster_of(inventory, row1.id) == c2
         assert drs.cluster_of(inventory, ids["r1"]) == c2
         assert drs.cluster_of(inventory, site.hosts["h3"].id) is None
@@ -114,6 +119,13 @@ def test_the_loads_are_read_from_the_inventory(run: Callable[[Scenario], None]) 
         assert drs.refusal(loads, big.id, row1.id) is None
         assert drs.refusal(loads, ids["r2"], row1.id) == (
             "r1 runs there and anti-affinity rule 'apart' parts them"
+        )
+        # Reserving more CPU than the host has left unreserved (4 x 2500 - 1500 MHz).
+        s1.reserved_cpu_mhz = 9000
+        await site.agent.service.syncs.get(row1.id).refresh()
+        loads = drs.cluster_loads(inventory, site.agent.service.rules, c2)
+        assert drs.refusal(loads, ids["s1"], row1.id) == (
+            "8500 MHz of CPU unreserved, the VM reserves 9000 MHz"
         )
 
     run(scenario)

@@ -71,6 +71,12 @@ def test_score_follows_the_documented_formula() -> None:
     assert score(vm(10, "web", 1000), one) == pytest.approx(expected)
 
 
+def test_the_score_counts_the_vcpus_a_plan_placed_as_busy() -> None:
+    one = host(1, "a", cpus=4, memory_mib=10000, cpu_load=0.25, planned_cpus=2)
+    expected = 0.7 * (10000 - 1000) / 10000 + 0.3 * (1 - 0.25 - 2 / 4)
+    assert score(vm(10, "web", 1000), one) == pytest.approx(expected)
+
+
 def test_memory_outweighs_cpu() -> None:
     # a: 25% free memory, idle; b: 75% free memory, busy. 0.7*0.25+0.3 < 0.7*0.75+0.3*0.2
     hosts = [
@@ -291,6 +297,17 @@ def test_evacuation_spreads_vms_over_equal_hosts() -> None:
     assert plan.stuck == []
     assert sorted(m.vm.name for m in plan.moves) == ["vm0", "vm1", "vm2", "vm3"]
     assert Counter(m.host.name for m in plan.moves) == {"a": 2, "b": 2}
+
+
+def test_evacuation_spreads_vms_though_one_host_was_measured_idle() -> None:
+    # Small VMs on big hosts: memory hardly differs; the measured load alone would send
+    # every VM to the idle host. Each placed vCPU counts as busy there, so they spread,
+    # the idle host still taking more.
+    hosts = [host(1, "src", cpus=2), host(2, "busy", cpus=2, cpu_load=1.0),
+             host(3, "idle", cpus=2, cpu_load=0.0)]  # fmt: skip
+    vms = [vm(10 + i, f"vm{i}", 128, host_id=1) for i in range(4)]
+    plan = evacuation_plan(1, vms, hosts, [], {v.vm_id: 1 for v in vms})
+    assert Counter(m.host.name for m in plan.moves) == {"idle": 3, "busy": 1}
 
 
 def test_evacuation_moves_the_largest_first() -> None:

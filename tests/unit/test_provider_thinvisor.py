@@ -62,15 +62,18 @@ def test_vm_record_of_a_vm_and_of_an_invalid_one() -> None:
         "template": False,
         "disks": [{"path": "disk0.qcow2"}, {"path": "/mnt/nfs/x/d.qcow2"}],
         "nics": [{"network": "user"}, {"network": "lan"}, {"network": "lan"}],
+        "resources": {"cpu_reservation_mhz": 500, "memory_reservation_mib": 64},
     }
     vm = {"name": "web", "datastore": "local", "state": "paused", "uuid": "u", "spec": spec}
     record = vm_record(vm, STORES)
     assert (record.id, record.power_state, record.cpus, record.memory_mib) == (
         "web", PowerState.PAUSED, 2, 96)  # fmt: skip
     assert (record.datastores, record.networks) == (("local", "nfs"), ("user", "lan"))
+    assert (record.reserved_cpu_mhz, record.reserved_memory_mib) == (500, 64)
     broken = vm_record({"name": "b", "datastore": "local", "state": "invalid", "spec": None}, {})
     assert (broken.power_state, broken.cpus, broken.datastores) == (
         PowerState.UNKNOWN, 0, ("local",))  # fmt: skip
+    assert (broken.reserved_cpu_mhz, broken.reserved_memory_mib) == (0, 0)
 
 
 def event(event_id: int, kind: str = "auth.login") -> dict[str, Any]:
@@ -308,3 +311,14 @@ def test_a_host_record_carries_the_agents_id() -> None:
     assert host_record(HOST).host_id == "b7c1"
     older = {k: v for k, v in HOST.items() if k != "host_id"}
     assert host_record(older).host_id is None
+
+
+def test_a_host_record_carries_what_placement_weighs() -> None:
+    busy = HOST | {"core_mhz": 2200, "cpu_load": 0.375,
+                   "host_reservation": {"cpu_mhz": 400, "memory_mib": 1024}}  # fmt: skip
+    record = host_record(busy)
+    assert (record.core_mhz, record.cpu_load) == (2200, 0.375)
+    assert (record.reserved_cpu_mhz, record.reserved_memory_mib) == (400, 1024)
+    # An agent before these fields, or one that has not sampled its CPUs yet.
+    older = host_record(HOST | {"cpu_load": None})
+    assert (older.core_mhz, older.cpu_load, older.reserved_memory_mib) == (0, None, 0)

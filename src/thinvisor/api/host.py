@@ -19,6 +19,7 @@ from thinvisor.api.errors import ERROR_RESPONSES
 from thinvisor.api.tasks import ACCEPTED, accepted
 from thinvisor.auth import Permission, User
 from thinvisor.host import hostinfo
+from thinvisor.host.stats import HostSample
 from thinvisor.host.tasks import Progress
 from thinvisor.model.base import StrictModel
 
@@ -42,10 +43,25 @@ class DatastoreSummary(BaseModel):
     free_bytes: int
 
 
+class HostReservation(BaseModel):
+    """What the host keeps for itself (``[reservations]`` of host.toml)."""
+
+    cpu_mhz: int
+    memory_mib: int
+
+
 class HostInfo(BaseModel):
     hostname: str
     cpu_model: str
     cpus: int
+    core_mhz: int = Field(description="one core's clock: the unit of CPU reservations")
+    cpu_load: float | None = Field(
+        description="how busy all the host's CPUs were at the last statistics sample, "
+        "0 (idle) to 1 (all busy); null before the first sample"
+    )
+    host_reservation: HostReservation = Field(
+        description="what the host keeps for itself; VMs' reservations share the rest"
+    )
     memory_total_mib: int
     memory_available_mib: int
     accelerator: Accelerator
@@ -88,6 +104,12 @@ def _datastore(name: str, path: str) -> DatastoreSummary:
     return DatastoreSummary(name=name, path=path, capacity_bytes=capacity, free_bytes=free)
 
 
+def _cpu_load(sample: HostSample | None) -> float | None:
+    if sample is None or sample.cpu_percent is None:
+        return None
+    return min(1.0, max(0.0, sample.cpu_percent / 100))
+
+
 @router.get("/health", response_model=Health)
 async def health() -> Health:
     """Whether the agent answers; the one route that needs no authentication."""
@@ -100,7 +122,7 @@ async def host_info(
 ) -> HostInfo:
     """CPU, memory, the accelerator in use and why, datastores, versions."""
     agent = agent_of(request)
-    facts = hostinfo.host_facts()
+    facts, keep = hostinfo.host_facts(), agent.config.reservations
     accel = await asyncio.to_thread(agent.service.accel)
     version = await asyncio.to_thread(qemu_version, agent.config.qemu_binary)
     vms = await agent.service.list_vms()
@@ -111,6 +133,11 @@ async def host_info(
         hostname=socket.gethostname(),
         cpu_model=facts.cpu_model,
         cpus=facts.cpus,
+        core_mhz=facts.core_mhz,
+        cpu_load=_cpu_load(agent.stats.latest_host),
+        host_reservation=HostReservation(
+            cpu_mhz=keep.host_cpu_mhz, memory_mib=keep.host_memory_mib
+        ),
         memory_total_mib=facts.memory_total_mib,
         memory_available_mib=facts.memory_available_mib,
         accelerator=Accelerator(name=accel.name, reason=accel.reason),

@@ -5,8 +5,10 @@ operations ask of them.
 ``cluster_loads`` reads one cluster (or the hosts in none) from the inventory: a
 ``HostLoad`` per host, a ``VmDemand`` per VM, where each powered-on VM runs, and the
 rules binding the cluster's VMs. A VM holds its host's memory while it runs or is paused
-(its host away: while it last did). The inventory knows no CPU load, clock or
-reservation: they count as none. A host's cluster is the nearest cluster above it.
+(its host away: while it last did), and its CPU reservation with it. A host's CPU load,
+clock and what it keeps for itself are as its last sync found them (a peer that does not
+say counts as idle, with no clock: it takes no VM that reserves CPU). A host's cluster is
+the nearest cluster above it.
 
 Everything here is plain logic over what ``cluster_loads`` read, but ``cluster_loads``
 and ``cluster_of`` (database reads: call them in a worker thread).
@@ -51,11 +53,14 @@ def powered_on(vm: VmRow) -> bool:
 
 def demand(vm: VmRow) -> VmDemand:
     """What the VM needs of a host, and where it is."""
+    memory = max(1, vm.memory_mib)
     return VmDemand(
         vm_id=vm.id,
         name=vm.name,
-        memory_mib=max(1, vm.memory_mib),
+        memory_mib=memory,
         cpus=max(1, vm.cpus),
+        reserved_memory_mib=min(memory, max(0, vm.reserved_memory_mib)),
+        reserved_cpu_mhz=max(0, vm.reserved_cpu_mhz),
         host_id=vm.host_id,
     )
 
@@ -111,10 +116,14 @@ def cluster_loads(
     vms = {vm.id: vm for vm in inventory.vms(template=False)}
     placement = {vm.id: vm.host_id for vm in vms.values() if powered_on(vm)}
     used: dict[int, int] = {}
+    reserved: dict[int, int] = {}
     for vm_id, host_id in placement.items():
         used[host_id] = used.get(host_id, 0) + vms[vm_id].memory_mib
+        reserved[host_id] = reserved.get(host_id, 0) + max(0, vms[vm_id].reserved_cpu_mhz)
     hosts = {
-        row.id: _load(row, cluster_id, used.get(row.id, 0), row.id in entering)
+        row.id: _load(
+            row, cluster_id, used.get(row.id, 0), reserved.get(row.id, 0), row.id in entering
+        )
         for row in rows.values()
     }
     wanted = {vm.id for vm in vms.values() if vm.host_id in rows} | set(vm_ids)
@@ -122,7 +131,10 @@ def cluster_loads(
     return Loads(cluster_id, hosts, rows, vms, placement, bound)
 
 
-def _load(row: HostRow, cluster_id: int | None, used_mib: int, entering: bool) -> HostLoad:
+def _load(
+    row: HostRow, cluster_id: int | None, used_mib: int, reserved_mhz: int, entering: bool
+) -> HostLoad:
+    load = row.cpu_load if row.cpu_load is not None else 0.0
     return HostLoad(
         host_id=row.id,
         name=row.name,
@@ -130,10 +142,12 @@ def _load(row: HostRow, cluster_id: int | None, used_mib: int, entering: bool) -
         connected=row.state == HostState.CONNECTED,
         maintenance=row.maintenance or entering,
         cpus=row.cpus or 0,
-        core_mhz=0,
+        core_mhz=max(0, row.core_mhz),
         memory_mib=row.memory_mib or 0,
         used_memory_mib=used_mib,
-        cpu_load=0.0,
+        cpu_load=min(1.0, max(0.0, load)),
+        reserved_memory_mib=max(0, row.reserved_memory_mib),
+        reserved_cpu_mhz=max(0, row.reserved_cpu_mhz) + reserved_mhz,
     )
 
 

@@ -125,6 +125,13 @@ class HostRow(Node):
     maintenance: bool
     agent_id: str | None = None
     """The peer's own id for the host (``HostRecord.host_id``), as last connected."""
+    core_mhz: int = 0
+    """One core's clock; 0: unknown."""
+    cpu_load: float | None = None
+    """How busy its CPUs were at the last sync, 0 to 1; None: not known."""
+    reserved_cpu_mhz: int = 0
+    reserved_memory_mib: int = 0
+    """What the host keeps for itself."""
 
 
 @dataclass(frozen=True)
@@ -143,6 +150,9 @@ class VmRow(Node):
     networks: tuple[str, ...]
     ha_priority: HaPriority = HaPriority.MEDIUM
     """When it is restarted if its host fails, where its cluster has HA."""
+    reserved_cpu_mhz: int = 0
+    reserved_memory_mib: int = 0
+    """What it reserves of its host while it runs."""
 
 
 @dataclass(frozen=True)
@@ -413,6 +423,8 @@ def _vm_values(record: VmRecord) -> dict[str, Any]:
         "uuid": record.uuid,
         "datastores": list(record.datastores),
         "networks": list(record.networks),
+        "reserved_cpu_mhz": record.reserved_cpu_mhz,
+        "reserved_memory_mib": record.reserved_memory_mib,
     }
     if record.power_state != PowerState.UNKNOWN:
         values["last_power_state"] = values["power_state"]
@@ -1172,6 +1184,10 @@ def _mark_connected(host: HostModel, record: HostRecord) -> None:
             "cpus": record.cpus,
             "memory_mib": record.memory_mib,
             "maintenance": record.maintenance,
+            "core_mhz": record.core_mhz,
+            "cpu_load": record.cpu_load,
+            "reserved_cpu_mhz": record.reserved_cpu_mhz,
+            "reserved_memory_mib": record.reserved_memory_mib,
         },
     )
     host.last_seen = utcnow()
@@ -1210,6 +1226,10 @@ def _host_row(host: HostModel, node: NodeModel, path: str) -> HostRow:
         memory_mib=host.memory_mib,
         maintenance=host.maintenance,
         agent_id=host.agent_id,
+        core_mhz=host.core_mhz,
+        cpu_load=host.cpu_load,
+        reserved_cpu_mhz=host.reserved_cpu_mhz,
+        reserved_memory_mib=host.reserved_memory_mib,
     )
 
 
@@ -1227,7 +1247,16 @@ def _vm_query() -> Select[*tuple[Any, ...]]:
 
 
 # Columns of ``vms`` that a VmRow takes as they are.
-_VM_COLUMNS = ("host_id", "ext_id", "cpus", "memory_mib", "template", "uuid")
+_VM_COLUMNS = (
+    "host_id",
+    "ext_id",
+    "cpus",
+    "memory_mib",
+    "template",
+    "uuid",
+    "reserved_cpu_mhz",
+    "reserved_memory_mib",
+)
 _VM_SELECTED = (
     *_VM_COLUMNS,
     "power_state",

@@ -193,6 +193,13 @@ class HostModel(Base):
     agent_id: Mapped[str | None] = mapped_column(String(128))
     """The peer's own id for the host (``HostRecord.host_id``): what a thinvisor host's
     datastore heartbeat files are named by, so that HA finds them once it is gone."""
+    core_mhz: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    """One core's clock (0: unknown), the unit of CPU reservations: placement's input."""
+    cpu_load: Mapped[float | None] = mapped_column(Float)
+    """How busy its CPUs were at the last sync, 0 to 1 (None: not known)."""
+    reserved_cpu_mhz: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    reserved_memory_mib: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    """What the host keeps for itself, that its VMs may not use."""
 
 
 class ClusterModel(Base):
@@ -236,6 +243,9 @@ class VmModel(Base):
         String(16), default=HaPriority.MEDIUM.value, server_default=HaPriority.MEDIUM.value
     )
     """When it is restarted if its host fails, where its cluster has HA."""
+    reserved_cpu_mhz: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    reserved_memory_mib: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    """What the VM reserves of its host while it runs (its resource reservations)."""
 
 
 class DatastoreModel(Base):

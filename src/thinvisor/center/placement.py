@@ -25,11 +25,16 @@ A host may take a VM only if (``NoPlacement`` says, for each host, the first tha
 
 Among the hosts left, the highest score wins, ties broken by name, then id::
 
-    score = 0.7 * (free memory once the VM is placed) / memory_mib + 0.3 * (1 - cpu_load)
+    score = 0.7 * (free memory once the VM is placed) / memory_mib
+          + 0.3 * (1 - cpu_load - planned_cpus / cpus)
 
 Memory weighs more: a host cannot overcommit it, while CPU is shared by time. A plan
 adds each VM's memory and CPU reservation to the host it chooses, so that the next VM
-sees it; ``cpu_load`` is a measurement, which a plan does not predict.
+sees it. ``cpu_load`` is a measurement, of the VMs already there; how busy a VM will be
+where it does not run yet is not known, so a plan counts each vCPU it places on a host as
+busy (``planned_cpus``, the cautious guess, as Proxmox's static load counts vCPUs). That
+keeps an evacuation from piling every VM onto the host that happened to be idlest when
+measured.
 """
 
 from __future__ import annotations
@@ -85,13 +90,15 @@ class HostLoad:
     """Memory kept from VMs besides theirs: the host's own, or promised to a VM arriving."""
     reserved_cpu_mhz: int = 0
     """CPU reserved by its VMs, and kept for itself."""
+    planned_cpus: int = 0
+    """The vCPUs of the VMs a plan has put there so far (not yet in ``cpu_load``)."""
 
     def __post_init__(self) -> None:
         owner = f"host {self.name!r}"
         for name in ("cpus", "core_mhz", "memory_mib", "used_memory_mib"):
             _check_count(name, owner, getattr(self, name))
-        _check_count("reserved_memory_mib", owner, self.reserved_memory_mib)
-        _check_count("reserved_cpu_mhz", owner, self.reserved_cpu_mhz)
+        for name in ("reserved_memory_mib", "reserved_cpu_mhz", "planned_cpus"):
+            _check_count(name, owner, getattr(self, name))
         load = self.cpu_load
         if isinstance(load, bool) or not isinstance(load, int | float) or not 0 <= load <= 1:
             raise InvalidArgument("cpu_load", f"{owner}: {load!r} is not between 0 and 1")
@@ -244,7 +251,8 @@ def score(vm: VmDemand, host: HostLoad) -> float:
     if host.memory_mib <= 0:
         return -math.inf
     free_after = (host.free_memory_mib - vm.memory_mib) / host.memory_mib
-    return MEMORY_WEIGHT * free_after + CPU_WEIGHT * (1 - host.cpu_load)
+    planned = host.planned_cpus / host.cpus if host.cpus > 0 else 0.0
+    return MEMORY_WEIGHT * free_after + CPU_WEIGHT * (1 - host.cpu_load - planned)
 
 
 def _refusal(vm: VmDemand, host: HostLoad, exclude: Collection[int]) -> str | None:
@@ -310,6 +318,7 @@ def _plus(host: HostLoad, vm: VmDemand) -> HostLoad:
         host,
         used_memory_mib=host.used_memory_mib + vm.memory_mib,
         reserved_cpu_mhz=host.reserved_cpu_mhz + vm.reserved_cpu_mhz,
+        planned_cpus=host.planned_cpus + vm.cpus,
     )
 
 

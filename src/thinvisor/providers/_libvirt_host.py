@@ -116,7 +116,7 @@ class Host:
     # Reading
 
     def host(self) -> HostRecord:
-        _, memory, cpus, *_ = self.conn.getInfo()
+        _, memory, cpus, mhz, *_ = self.conn.getInfo()
         kind = self.conn.getType()
         versions = lx.version(self.conn.getLibVersion()), lx.version(self.conn.getVersion())
         return HostRecord(
@@ -125,6 +125,7 @@ class Host:
             version=f"{versions[0]} ({kind} {versions[1]})",
             cpus=int(cpus),
             memory_mib=int(memory),
+            core_mhz=max(0, int(mhz)),
         )
 
     def domain(self, vm_id: str) -> Any:

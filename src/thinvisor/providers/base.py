@@ -107,6 +107,13 @@ class HostRecord:
     host_id: str | None = None
     """The peer's own id for the host where it has one (a thinvisor agent's: what its
     datastore heartbeat files and its VMs' owner files are named)."""
+    core_mhz: int = 0
+    """One core's clock, the unit of CPU reservations; 0: the peer does not say."""
+    cpu_load: float | None = None
+    """How busy all its CPUs are, 0 (idle) to 1 (all busy); None: not known."""
+    reserved_cpu_mhz: int = 0
+    reserved_memory_mib: int = 0
+    """What the host keeps for itself, that its VMs may not reserve or use."""
 
 
 @dataclass(frozen=True)
@@ -123,6 +130,9 @@ class VmRecord:
     """Names of the networks (port groups, libvirt networks or bridges) of its NICs."""
     uuid: str | None = None
     """The VM's SMBIOS UUID, where the peer reports one."""
+    reserved_cpu_mhz: int = 0
+    reserved_memory_mib: int = 0
+    """What the VM reserves of its host (guaranteed while it runs), where the peer says."""
 
 
 @dataclass(frozen=True)

@@ -142,6 +142,8 @@ class FakeVm:
     current_snapshot: str | None = None
     disks: tuple[str, ...] = ()
     """The contents of its disks (none unless a test or an import gave some)."""
+    reserved_cpu_mhz: int = 0
+    reserved_memory_mib: int = 0
 
     def record(self) -> VmRecord:
         return VmRecord(
@@ -154,6 +156,8 @@ class FakeVm:
             datastores=self.datastores,
             networks=self.networks,
             uuid=self.uuid,
+            reserved_cpu_mhz=self.reserved_cpu_mhz,
+            reserved_memory_mib=self.reserved_memory_mib,
         )
 
 
@@ -205,6 +209,8 @@ class FakeHost:
     """The fingerprint of its certificate; None: it has no TLS, nothing to pin."""
     cpus: int = 8
     memory_mib: int = 32768
+    core_mhz: int = 2000
+    cpu_load: float | None = None
     maintenance: bool = False
     reachable: bool = True
     migration_error: ThinvisorError | None = None
@@ -248,6 +254,8 @@ class FakeHost:
             memory_mib=self.memory_mib,
             maintenance=self.maintenance,
             host_id=self.host_id,
+            core_mhz=self.core_mhz,
+            cpu_load=self.cpu_load,
         )
 
     def has_datastore(self, name: str) -> bool:

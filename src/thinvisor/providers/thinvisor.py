@@ -149,6 +149,7 @@ def auth_header(username: str | None, password: str | None) -> dict[str, str]:
 
 def host_record(host: Json) -> HostRecord:
     """A ``HostRecord`` from ``GET /host``."""
+    kept: Json = host.get("host_reservation") or {}
     return HostRecord(
         name=host["hostname"],
         vendor=VENDOR,
@@ -157,6 +158,10 @@ def host_record(host: Json) -> HostRecord:
         memory_mib=host["memory_total_mib"],
         maintenance=bool(host.get("maintenance", False)),
         host_id=host.get("host_id"),
+        core_mhz=host.get("core_mhz", 0),
+        cpu_load=host.get("cpu_load"),
+        reserved_cpu_mhz=kept.get("cpu_mhz", 0),
+        reserved_memory_mib=kept.get("memory_mib", 0),
     )
 
 
@@ -173,6 +178,7 @@ def disk_datastore(path: str, own: str, datastores: dict[str, str]) -> str:
 def vm_record(vm: Json, datastores: dict[str, str]) -> VmRecord:
     """A ``VmRecord`` from the API's ``VmOut`` (an invalid VM has no spec: unknown)."""
     spec: Json = vm.get("spec") or {}
+    resources: Json = spec.get("resources") or {}
     own = vm["datastore"]
     stores = [own, *(disk_datastore(d["path"], own, datastores) for d in spec.get("disks", []))]
     return VmRecord(
@@ -185,6 +191,8 @@ def vm_record(vm: Json, datastores: dict[str, str]) -> VmRecord:
         datastores=tuple(dict.fromkeys(stores)),
         networks=tuple(dict.fromkeys(n["network"] for n in spec.get("nics", []))),
         uuid=vm.get("uuid"),
+        reserved_cpu_mhz=resources.get("cpu_reservation_mhz", 0),
+        reserved_memory_mib=resources.get("memory_reservation_mib", 0),
     )
 
 

@@ -131,6 +131,8 @@ _VM_PATHS = [
     "config.hardware.numCPU",
     "config.hardware.memoryMB",
     "config.uuid",
+    "config.cpuAllocation.reservation",
+    "config.memoryAllocation.reservation",
     "datastore",
     "network",
 ]
@@ -138,6 +140,7 @@ _HOST_PATHS = [
     "name",
     "summary.hardware.numCpuThreads",
     "summary.hardware.memorySize",
+    "summary.hardware.cpuMhz",
     "runtime.inMaintenanceMode",
 ]
 _DATASTORE_PATHS = ["name", "summary.capacity", "summary.freeSpace"]
@@ -349,6 +352,8 @@ class _Inventory:
             datastores=self._names("datastore", values.get("datastore")),
             networks=self._names("network", values.get("network")),
             uuid=values.get("config.uuid"),
+            reserved_cpu_mhz=max(0, values.get("config.cpuAllocation.reservation") or 0),
+            reserved_memory_mib=max(0, values.get("config.memoryAllocation.reservation") or 0),
         )
 
     def _names(self, group: str, refs: Iterable[Any] | None) -> tuple[str, ...]:
@@ -366,6 +371,8 @@ class _Inventory:
             cpus=sum(h.get("summary.hardware.numCpuThreads") or 0 for h in hosts),
             memory_mib=sum(h.get("summary.hardware.memorySize") or 0 for h in hosts) // MIB,
             maintenance=bool(hosts) and all(h.get("runtime.inMaintenanceMode") for h in hosts),
+            # Several hosts behind one endpoint: the slowest core is the safe unit.
+            core_mhz=min((h.get("summary.hardware.cpuMhz") or 0 for h in hosts), default=0),
         )
 
     def snapshot(self) -> InventorySnapshot:

@@ -70,6 +70,12 @@ class HostOut(BaseModel):
     cpus: int | None
     memory_mib: int | None
     maintenance: bool
+    core_mhz: int = Field(description="one core's clock, the unit of CPU reservations; 0: unknown")
+    cpu_load: float | None = Field(
+        description="how busy its CPUs were at the last sync, 0 to 1; null: not known"
+    )
+    reserved_cpu_mhz: int = Field(description="CPU the host keeps for itself")
+    reserved_memory_mib: int = Field(description="memory the host keeps for itself")
 
 
 def host_out(row: HostRow) -> HostOut:

@@ -67,6 +67,8 @@ class VmOut(BaseModel):
     uuid: str | None
     datastores: list[str]
     networks: list[str]
+    reserved_cpu_mhz: int = Field(description="CPU it reserves of its host while it runs")
+    reserved_memory_mib: int = Field(description="memory it reserves of its host while it runs")
 
 
 class VmCreateIn(StrictModel):
