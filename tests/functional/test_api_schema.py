@@ -45,7 +45,7 @@ def test_schemathesis_finds_no_server_error_and_no_schema_violation(net_agent: N
             "--request-timeout",
             "60",
             "--max-time",
-            "45",
+            "30",
             "--exclude-path",
             "/api/v1/host/shutdown",
             "--suppress-health-check",
