@@ -380,6 +380,7 @@ def lab_hosts() -> Iterator[list[FakeHost]]:
         fake_host(f"fake://m2-{tag}", name="m2"),
     ]
     made[0].add_vm("web", power_state=R, memory_mib=512)
+    made[1].cpu_load = 0.375
     yield made
     for host in made:
         remove_fake_host(host.address)
@@ -402,7 +403,7 @@ def test_maintenance_through_the_cli(
     assert set(moved) == {"vm", "vm_id", "from", "to", "task"}
     listed = tv(admin, "center", "host", "list")
     assert "MAINTENANCE" in listed.splitlines()[0]
-    assert [line.split()[4] for line in listed.splitlines()[1:]] == ["yes", "no"]
+    assert [line.split()[4:6] for line in listed.splitlines()[1:]] == [["yes", "-"], ["no", "38%"]]
     assert tv(admin, "center", "host", "maintenance", "m1", "off") == (
         "host /dc1/c1/m1 is out of maintenance mode\n"
     )

@@ -625,7 +625,8 @@ def _unpinned(provider: str, address: str, exc: InvalidArgument) -> None:
 
 @host_app.command("list")
 def host_list(json_out: JsonOpt = False) -> None:
-    """The hosts, by path, with their connection state and maintenance mode."""
+    """The hosts, by path, with their connection state, maintenance mode and CPU load
+    (at the last sync; - where the host does not say, or is disconnected)."""
     hosts = on_center(lambda c: c.get("/hosts"))
     rows = [
         [
@@ -634,13 +635,20 @@ def host_list(json_out: JsonOpt = False) -> None:
             h["address"],
             h["state"],
             "yes" if h["maintenance"] else "no",
+            _cpu_load(h),
             h["version"],
             h["error"],
         ]
         for h in hosts
     ]
-    columns = ["PATH", "PROVIDER", "ADDRESS", "STATE", "MAINTENANCE", "VERSION", "ERROR"]
+    columns = ["PATH", "PROVIDER", "ADDRESS", "STATE", "MAINTENANCE", "CPU", "VERSION", "ERROR"]
     show(hosts, json_out, lambda _: print_table(columns, rows))
+
+
+def _cpu_load(host: dict[str, Any]) -> str:
+    """A host's CPU load as last synced; - where it does not say or is away."""
+    load = host.get("cpu_load")
+    return "-" if load is None or host["state"] != "connected" else f"{load:.0%}"
 
 
 class Switch(StrEnum):
