@@ -24,6 +24,7 @@ from thinvisor.appliance import Appliance, build_appliance
 from thinvisor.config import load_config
 from thinvisor.host.engine.process import kill, running_pid
 from thinvisor.host.inventory import Inventory
+from thinvisor.host.resources import ResourceControls
 
 READY = b"THINVISOR-APPLIANCE-READY uptime="
 THINVISOR = str(Path(sys.executable).with_name("thinvisor"))
@@ -76,6 +77,11 @@ def gone(pid: int) -> bool:
     except (FileNotFoundError, ProcessLookupError):
         return True
     return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
+
+
+def reaped(pid: int) -> bool:
+    """Whether a process has ended and been reaped by its parent."""
+    return not Path(f"/proc/{pid}").exists()
 
 
 def rss_kib(pid: int) -> int:
@@ -219,6 +225,7 @@ class ThinvisorHost:
         """End every QEMU of this host and its agent, and remove its files."""
         with contextlib.suppress(Exception):
             config = load_config(self.config_file)
+            controls = ResourceControls(lambda: 0)  # removing needs no clock
             for entry in Inventory(config).entries():
                 pid = running_pid(entry.paths)
                 if pid is not None:
@@ -226,6 +233,13 @@ class ThinvisorHost:
                     # Not reaped yet counts as gone: QEMU's parent is init, not us.
                     with contextlib.suppress(TimeoutError):
                         wait_until(lambda p=pid: gone(p), 10, "QEMU gone")
+                # Ended here, not by the agent: its cgroups are ours to remove, once QEMU
+                # is reaped (until then the cgroup still counts it).
+                if entry.spec is not None:
+                    if pid is not None:
+                        with contextlib.suppress(TimeoutError):
+                            wait_until(lambda p=pid: reaped(p), 10, "QEMU reaped")
+                    controls.release(entry.spec)
         if self.proc is not None:
             self.proc.send_signal(signal.SIGTERM)
             try:
