@@ -18,6 +18,7 @@ from thinvisor.errors import (
     Unreachable,
 )
 from thinvisor.providers import _libvirt_xml as lx
+from thinvisor.providers._libvirt_host import CpuMeter, Host
 from thinvisor.providers.base import Connection, CreateVm, PowerState
 from thinvisor.providers.libvirt import LibvirtProvider, translate
 
@@ -258,3 +259,19 @@ def test_credentials_answer_libvirts_questions() -> None:
     assert provider._answer(asked, None) == 0
     assert [a[4] for a in asked] == ["admin", "s3cret"]
     assert provider._answer([[libvirt.VIR_CRED_ECHOPROMPT, "?", "", "", None]], None) == -1
+
+
+def test_the_cpu_load_is_the_busy_share_between_two_readings() -> None:
+    meter = CpuMeter()
+    assert meter.update({"kernel": 100, "user": 100, "idle": 800, "iowait": 0}) is None
+    # 150 ns busy of 400 ns: iowait counts as not busy.
+    later = {"kernel": 150, "user": 200, "idle": 950, "iowait": 100}
+    assert meter.update(later) == pytest.approx(150 / 400)
+    assert meter.update(later) is None  # no time passed
+    assert meter.update({"kernel": 1, "user": 1, "idle": 1}) is None  # the host restarted
+    assert meter.update({"kernel": 2, "user": 1, "idle": 2}) == 0.5
+
+
+def test_cpu_times_of_a_host(test_driver: libvirt.virConnect) -> None:
+    times = Host(test_driver, "test:///default").cpu_times()
+    assert times is not None and {"kernel", "user", "idle"} <= set(times)

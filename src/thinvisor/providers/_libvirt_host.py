@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import threading
 import uuid
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
@@ -105,6 +106,26 @@ POWER_CALLS: dict[PowerAction, Callable[[Any], object]] = {
 }
 
 
+class CpuMeter:
+    """How busy a host's CPUs were between two readings of their cumulative times
+    (``virConnect.getCPUStats``: nanoseconds of kernel, user, idle and iowait)."""
+
+    def __init__(self) -> None:
+        self._before: tuple[int, int] | None = None
+        self._lock = threading.Lock()
+
+    def update(self, times: dict[str, int]) -> float | None:
+        """The load since the last reading, 0 to 1; None for the first (or a host whose
+        counters went back: it restarted)."""
+        busy = times.get("kernel", 0) + times.get("user", 0)
+        total = busy + times.get("idle", 0) + times.get("iowait", 0)
+        with self._lock:
+            before, self._before = self._before, (busy, total)
+        if before is None or total <= before[1] or busy < before[0]:
+            return None
+        return min(1.0, (busy - before[0]) / (total - before[1]))
+
+
 class Host:
     """The operations on one open connection ``conn`` (a ``libvirt.virConnect``) to the
     host at the URI ``address``."""
@@ -168,6 +189,15 @@ class Host:
             if path:
                 targets[path] = pool.name()
         return targets
+
+    def cpu_times(self) -> dict[str, int] | None:
+        """The host's cumulative CPU times, all CPUs together; None where its driver
+        does not say."""
+        try:
+            times: dict[str, int] = self.conn.getCPUStats(libvirt.VIR_NODE_CPU_STATS_ALL_CPUS)
+        except libvirt.libvirtError:
+            return None
+        return times
 
     def inventory(self) -> InventorySnapshot:
         pools = self.pool_targets()

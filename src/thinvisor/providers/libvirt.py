@@ -74,7 +74,7 @@ from thinvisor.errors import (
     Unsupported,
 )
 from thinvisor.providers import _libvirt_xml as lx
-from thinvisor.providers._libvirt_host import MISSING, Host
+from thinvisor.providers._libvirt_host import MISSING, CpuMeter, Host
 from thinvisor.providers.base import (
     SUSPEND_ACTIONS,
     Capability,
@@ -252,6 +252,7 @@ class LibvirtProvider(Provider):
         # _opening is held while a connection is opened (which may take long).
         self._lock = threading.Lock()
         self._opening = threading.Lock()
+        self._cpu = CpuMeter()  # the CPU load between two snapshots
 
     @property
     def address(self) -> str:
@@ -385,7 +386,13 @@ class LibvirtProvider(Provider):
     # Reading
 
     async def snapshot(self) -> InventorySnapshot:
-        return await self._run(Host.inventory)
+        def read(host: Host) -> tuple[InventorySnapshot, dict[str, int] | None]:
+            return host.inventory(), host.cpu_times()
+
+        snap, times = await self._run(read)
+        if times is None:
+            return snap
+        return replace(snap, host=replace(snap.host, cpu_load=self._cpu.update(times)))
 
     async def ping(self) -> None:
         await self._run(lambda host: host.conn.getLibVersion())
