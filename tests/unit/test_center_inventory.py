@@ -648,6 +648,27 @@ def test_while_a_vm_moves_the_syncs_neither_delete_nor_duplicate_it(
     assert inv.remove_vm(b.id, "vm-1") is True  # no longer moving: its host's sync rules
 
 
+def test_snapshots_begun_before_a_move_ended_leave_the_vm_where_it_went(
+    inv: Inventory, db: Database
+) -> None:
+    a, b = two_hosts(inv)
+    app = inv.vm_by_ext_id(a.id, "vm-1")
+    inv.begin_move(app.id, b.id)
+    begun = time.monotonic()  # both hosts' snapshots are asked for now ...
+    inv.move_vm(app.id, b.id)  # ... the move ends while they are on their way
+    # The source still listed it, the destination not yet: neither counts for the VM.
+    inv.apply_snapshot(a.id, snapshot(vm("vm-1", "app"), vm("vm-2", "other")), begun)
+    inv.apply_snapshot(b.id, snapshot(vm("vm-3", "db")), begun)
+    assert [v.id for v in inv.find_vms("app")] == [app.id] and inv.vm(app.id).host_id == b.id
+    assert count(db, VmModel) == 3
+    # Snapshots begun after the end rule again: the destination's lists it.
+    later = time.monotonic()
+    inv.apply_snapshot(b.id, snapshot(vm("vm-3", "db"), vm("vm-1", "app", cpus=2)), later)
+    assert inv.vm(app.id).cpus == 2
+    inv.apply_snapshot(a.id, snapshot(vm("vm-1", "app"), vm("vm-2", "other")), later)
+    assert len(inv.find_vms("app")) == 2  # the source really holds one of that id again
+
+
 def test_a_failed_move_leaves_the_vm_to_its_hosts_syncs(inv: Inventory) -> None:
     a, b = two_hosts(inv)
     app = inv.vm_by_ext_id(a.id, "vm-1")

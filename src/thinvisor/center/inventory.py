@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import re
 import threading
+import time
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -523,6 +524,10 @@ def _insert_new(
 # --- the inventory --------------------------------------------------------------------
 
 
+#: How long an ended move is remembered for snapshots begun before it ended.
+ENDED_MOVES_KEPT_S = 600.0
+
+
 class Inventory:
     """The inventory in ``db``; host passwords sealed with ``secrets``. Thread-safe."""
 
@@ -531,6 +536,9 @@ class Inventory:
         self.secrets = secrets
         # VMs being moved, by node id: in memory, as the migrations that move them are.
         self._moves: dict[int, Move] = {}
+        # Moves that ended, and when (monotonic): a snapshot begun before may still
+        # show the VM where it was.
+        self._ended: dict[int, tuple[Move, float]] = {}
         self._moves_lock = threading.Lock()
 
     # --- the tree ---------------------------------------------------------------------
@@ -775,16 +783,21 @@ class Inventory:
 
     # --- sync -------------------------------------------------------------------------
 
-    def apply_snapshot(self, host_id: int, snap: InventorySnapshot) -> SyncDiff:
+    def apply_snapshot(
+        self, host_id: int, snap: InventorySnapshot, begun: float | None = None
+    ) -> SyncDiff:
         """Make the host's VMs, datastores and networks what ``snap`` says (by each one's
         provider id: added, changed, gone ones deleted) and mark the host connected.
         Applying the same snapshot again changes nothing. A VM moving away is kept, and
-        one moving in is not added, until its move ends."""
+        one moving in is not added, until its move ends; a VM whose move from or to the
+        host ended after ``begun`` (``time.monotonic()`` when the snapshot was asked
+        for) is left as the move left it: the snapshot may predate its end."""
         changes = _Changes()
         leaving, arriving = self._moving(host_id)
-        vms = [vm for vm in snap.vms if vm.id not in arriving]
+        late = self._moved_since(host_id, begun) if begun is not None else set()
+        vms = [vm for vm in snap.vms if vm.id not in arriving and vm.id not in late]
         # Kept either way: one that arrived as this began is no longer the sync's to drop.
-        keep = leaving | set(arriving)
+        keep = leaving | set(arriving) | late
         with self.db.write() as session:
             host = _load_host(session, host_id, lock=True)
             node = _load_node(session, host_id)
@@ -842,8 +855,13 @@ class Inventory:
 
     def end_move(self, vm_id: int) -> None:
         """The VM no longer moves (its migration failed, or ``move_vm`` ended it)."""
+        now = time.monotonic()
         with self._moves_lock:
-            self._moves.pop(vm_id, None)
+            move = self._moves.pop(vm_id, None)
+            if move is not None:
+                self._ended[vm_id] = (move, now)
+            for old in [i for i, (_, t) in self._ended.items() if now - t > ENDED_MOVES_KEPT_S]:
+                del self._ended[old]
 
     def move_vm(self, vm_id: int, host_id: int) -> VmRow:
         """The VM now lives on the host ``host_id``: its row keeps its id (its tags and
@@ -880,6 +898,13 @@ class Inventory:
         leaving = {m.ext_id for m in moves if m.source == host_id}
         arriving = {m.ext_id: m.vm_id for m in moves if m.destination == host_id}
         return leaving, arriving
+
+    def _moved_since(self, host_id: int, begun: float) -> set[str]:
+        """The ids on their providers of the VMs whose move from or to the host ended
+        after ``begun``."""
+        with self._moves_lock:
+            ended = list(self._ended.values())
+        return {m.ext_id for m, t in ended if t >= begun and host_id in (m.source, m.destination)}
 
     # --- high availability ------------------------------------------------------------
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Protocol, TypeVar
 
@@ -46,7 +47,9 @@ SNAPSHOT_TIMEOUT_S = 120.0
 class SyncStore(Protocol):
     """What a ``HostSync`` writes: the inventory's sync methods (called in threads)."""
 
-    def apply_snapshot(self, host_id: int, snap: InventorySnapshot) -> object: ...
+    def apply_snapshot(
+        self, host_id: int, snap: InventorySnapshot, begun: float | None = None
+    ) -> object: ...
     def apply_vm(self, host_id: int, vm: VmRecord) -> object: ...
     def remove_vm(self, host_id: int, ext_id: str) -> bool: ...
     def set_host_connected(self, host_id: int, record: HostRecord) -> object: ...
@@ -133,19 +136,25 @@ class HostSync:
 
     async def refresh(self) -> None:
         """Take a full snapshot now (after an operation that changed a lot, say)."""
-        snap = await within(SNAPSHOT_TIMEOUT_S, self.provider().snapshot())
-        await self._write(self._store.apply_snapshot, self.host_id, snap)
+        await self._resync(self.provider())
+
+    async def _resync(self, provider: Provider) -> InventorySnapshot:
+        """Take a full snapshot and apply it, saying when it was begun: a VM whose move
+        ended meanwhile is where the move left it, whatever the snapshot says."""
+        begun = time.monotonic()
+        snap = await within(SNAPSHOT_TIMEOUT_S, provider.snapshot())
+        await self._write(self._store.apply_snapshot, self.host_id, snap, begun)
+        return snap
 
     async def _session(self) -> None:
         # Opening reads (and decrypts) the host's password from the database: a thread.
         provider = await asyncio.to_thread(self._open)
         try:
             await within(self._config.ping_timeout_s * 2, provider.connect())
-            snap = await within(SNAPSHOT_TIMEOUT_S, provider.snapshot())
+            snap = await self._resync(provider)
         except BaseException:
             await _close(provider)
             raise
-        await self._write(self._store.apply_snapshot, self.host_id, snap)
         self._provider, self.error = provider, None
         self._connected.set()
         verb = "reconnected" if self._ever else "connected"
@@ -166,8 +175,7 @@ class HostSync:
     async def _refresh(self, provider: Provider) -> None:
         while True:
             await asyncio.sleep(self._config.refresh_interval_s)
-            snap = await within(SNAPSHOT_TIMEOUT_S, provider.snapshot())
-            await self._write(self._store.apply_snapshot, self.host_id, snap)
+            await self._resync(provider)
 
     async def _follow(self, provider: Provider) -> None:
         async for change in provider.events():
@@ -176,8 +184,7 @@ class HostSync:
 
     async def _apply(self, provider: Provider, change: ChangeEvent) -> None:
         if change.kind is ChangeKind.RESYNC:
-            snap = await within(SNAPSHOT_TIMEOUT_S, provider.snapshot())
-            await self._write(self._store.apply_snapshot, self.host_id, snap)
+            await self._resync(provider)
         elif change.kind is ChangeKind.VM_CHANGED and change.vm is not None:
             await self._write(self._store.apply_vm, self.host_id, change.vm)
         elif change.kind is ChangeKind.VM_REMOVED and change.vm_id is not None:
