@@ -444,7 +444,7 @@ async def _prepare(
     incoming: IncomingMigrations, request: IncomingRequest, *, close: bool = False
 ) -> Any:
     try:
-        return incoming.prepare(request)
+        return await incoming.prepare(request)
     finally:
         if close:
             await incoming.close()

@@ -91,7 +91,7 @@ def test_downtime_escalates_to_the_limit_in_four_steps() -> None:
 
 def test_a_ticket_for_a_vm_not_seen_here_is_for_mirrored_disks(tmp_path: Path) -> None:
     async def body(port: Port) -> None:
-        ticket = port.migration.prepare(port.request())
+        ticket = await port.migration.prepare(port.request())
         assert ticket.mode == "mirror" and ticket.port == port.port
         assert ticket.fingerprint == port.fingerprint and len(ticket.token) >= 32
         # Nothing is made yet but the record an agent dying now would clean up.
@@ -107,7 +107,7 @@ def test_a_vm_on_a_shared_datastore_moves_its_owner_only(tmp_path: Path) -> None
         spec = port.source.inventory.get("vm1").spec
         assert spec is not None
         request = IncomingRequest(vm=spec.model_dump(mode="json"))
-        assert port.migration.prepare(request).mode == "shared"
+        assert (await port.migration.prepare(request)).mode == "shared"
         # The destination does not list it before the switch-over.
         assert port.dest.inventory.find("vm1") is None
         set_owner(port.source.inventory.get("vm1").paths.vm_dir, port.dest.inventory.host_id)
@@ -121,24 +121,29 @@ def test_bad_tickets_are_refused_and_change_nothing(tmp_path: Path) -> None:
     async def body(port: Port) -> None:
         await port.dest.create_vm(VmSpec(name="here", memory_mib=64))
         with pytest.raises(AlreadyExists):
-            port.migration.prepare(port.request("here"))
+            await port.migration.prepare(port.request("here"))
         with pytest.raises(InvalidArgument) as info:
-            port.migration.prepare(port.request(mode="shared"))
+            await port.migration.prepare(port.request(mode="shared"))
         assert info.value.field == "mode"
         with pytest.raises(InvalidArgument) as info:
-            port.migration.prepare(IncomingRequest(vm={"name": "x", "memory_mib": 8192}))
+            await port.migration.prepare(IncomingRequest(vm={"name": "x", "memory_mib": 8192}))
         assert info.value.field == "memory_mib"
-        port.migration.prepare(port.request("twice"))
+        await port.migration.prepare(port.request("twice"))
         with pytest.raises(AlreadyExists):
-            port.migration.prepare(port.request("twice"))
+            await port.migration.prepare(port.request("twice"))
         assert len(list((port.dest.config.state_dir / "migrations").iterdir())) == 1
+        # Two requests for one VM at once: one ticket, one refusal, one record more.
+        both = [port.migration.prepare(port.request("race")) for _ in range(2)]
+        answers = await asyncio.gather(*both, return_exceptions=True)
+        assert sorted(type(a).__name__ for a in answers) == ["AlreadyExists", "Ticket"]
+        assert len(list((port.dest.config.state_dir / "migrations").iterdir())) == 2
 
     on_port(tmp_path, body)
 
 
 def test_channels_need_the_pinned_certificate_and_an_issued_token(tmp_path: Path) -> None:
     async def body(port: Port) -> None:
-        ticket = port.migration.prepare(port.request())
+        ticket = await port.migration.prepare(port.request())
         wrong = "AA:" * 31 + "AA"
         with pytest.raises(TunnelError, match="not the destination's"):
             await tunnel.open_channel("127.0.0.1", port.port, wrong, ticket.token, "control")
@@ -172,7 +177,7 @@ def test_channels_need_the_pinned_certificate_and_an_issued_token(tmp_path: Path
 
 def test_a_file_named_outside_the_vms_directory_is_refused(tmp_path: Path) -> None:
     async def body(port: Port) -> None:
-        ticket = port.migration.prepare(port.request())
+        ticket = await port.migration.prepare(port.request())
         control = await tunnel.open_channel(
             "127.0.0.1", port.port, port.fingerprint, ticket.token, "control"
         )

@@ -44,7 +44,7 @@ def migrations_of(request: Request) -> MigrationService:
 @router.post("/migrations/incoming", response_model=TicketOut, status_code=201)
 async def prepare_incoming(body: IncomingRequest, request: Request, user: Admin) -> TicketOut:
     """Check that a VM can come to this host, and give the ticket its source needs."""
-    ticket = migrations_of(request).prepare(body)
+    ticket = await migrations_of(request).prepare(body)
     return TicketOut.model_validate(ticket.to_dict())
 
 

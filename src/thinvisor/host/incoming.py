@@ -134,15 +134,34 @@ class IncomingMigrations:
 
     # --- prepare -------------------------------------------------------------------
 
-    def prepare(self, req: IncomingRequest) -> Ticket:
+    async def prepare(self, req: IncomingRequest) -> Ticket:
         """Check that ``req``'s VM can come here; its ticket (nothing made yet but a record)."""
         spec = validate(VmSpec, req.vm)
+        self._check_not_coming(spec)
+        # Reading the datastores and writing the record: a worker thread.
+        incoming = await asyncio.to_thread(self._checked, req, spec)
+        try:
+            self._check_not_coming(spec)  # another request for it may have come meanwhile
+        except AlreadyExists:
+            incoming.record.unlink(missing_ok=True)
+            raise
+        self._by_token[incoming.token] = incoming
+        loop = asyncio.get_running_loop()
+        incoming.expiry = loop.call_later(TICKET_TTL_S, self._expire, incoming)
+        mode = incoming.mode
+        log.info("vm %s: incoming migration %s prepared (%s)", spec.name, incoming.id, mode)
+        return Ticket(incoming.id, incoming.token, self.port, self.fingerprint, mode)
+
+    def _check_not_coming(self, spec: VmSpec) -> None:
+        if any(i.spec.name == spec.name for i in self._by_token.values()):
+            raise AlreadyExists(f"vm {spec.name!r} is already on its way here")
+
+    def _checked(self, req: IncomingRequest, spec: VmSpec) -> Incoming:
+        """The checks of ``prepare`` that read the host's files, and the record written."""
         service = self.service
         check_not_in_maintenance(service.config.state_dir, f"vm {spec.name!r}: cannot migrate here")
         if service.inventory.find(spec.name) is not None:
             raise AlreadyExists(f"vm {spec.name!r} already exists on this host")
-        if any(i.spec.name == spec.name for i in self._by_token.values()):
-            raise AlreadyExists(f"vm {spec.name!r} is already on its way here")
         shared = self._shared_dir(spec)
         if req.mode == "shared" and shared is None:
             raise InvalidArgument(
@@ -178,11 +197,7 @@ class IncomingMigrations:
         )
         incoming.record = self.records / f"{incoming.id}.json"
         self._save_record(incoming)
-        self._by_token[incoming.token] = incoming
-        loop = asyncio.get_running_loop()
-        incoming.expiry = loop.call_later(TICKET_TTL_S, self._expire, incoming)
-        log.info("vm %s: incoming migration %s prepared (%s)", spec.name, incoming.id, mode)
-        return Ticket(incoming.id, incoming.token, self.port, self.fingerprint, mode)
+        return incoming
 
     def _shared_dir(self, spec: VmSpec) -> tuple[DatastoreConfig, VmPaths] | None:
         """Where this host sees the VM's directory (another host's, same VM), if it does."""

@@ -112,8 +112,8 @@ class MigrationService:
             self._server.close()
         await self.incoming.close()
 
-    def prepare(self, req: IncomingRequest) -> Ticket:
-        return self.incoming.prepare(req)
+    async def prepare(self, req: IncomingRequest) -> Ticket:
+        return await self.incoming.prepare(req)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         stream = (reader, writer)
