@@ -146,9 +146,11 @@ async def journey(
         await center.service.syncs.get(host.id).refresh()
     (row,) = center.inventory.find_vms(NAME)
     assert row.host_id == tv.id
+    first_id = row.id
 
     # To libvirt: the disk lands in the test's pool, a qcow2 holding the same bytes.
     row = await moved(center, row, lv, datastore=libvirtd.pool)
+    assert row.id == first_id  # the same inventory object, known by the domain's UUID
     with agent.client() as client:
         assert client.get(f"/vms/{NAME}").status_code == 404
     domain = libvirtd.conn.lookupByUUIDString(row.ext_id)
@@ -172,6 +174,7 @@ async def journey(
 
     # And back to thinvisor, where it boots again from the kernel that came along.
     row = await moved(center, center.inventory.vm(row.id), tv)
+    assert (row.id, row.ext_id) == (first_id, NAME)
     assert not [d for d in libvirtd.conn.listAllDomains(0) if d.name() == NAME]
     with agent.client() as client:
         shown = client.get(f"/vms/{NAME}").json()

@@ -669,6 +669,26 @@ def test_snapshots_begun_before_a_move_ended_leave_the_vm_where_it_went(
     assert len(inv.find_vms("app")) == 2  # the source really holds one of that id again
 
 
+def test_a_vm_moved_to_another_kind_keeps_its_row_under_its_new_id(
+    inv: Inventory, db: Database
+) -> None:
+    a, b = two_hosts(inv)
+    app = inv.vm_by_ext_id(a.id, "vm-1")
+    inv.create_tag("prod")
+    inv.tag(app.id, "prod")
+    inv.begin_move(app.id, b.id)
+    twin = inv.apply_vm(b.id, vm("uuid-9", "app"))  # the destination's sync saw it first
+    begun = time.monotonic()
+    moved = inv.move_vm(app.id, b.id, ext_id="uuid-9")
+    assert (moved.id, moved.ext_id, moved.path) == (app.id, "uuid-9", "/dc1/b/h2/app")
+    with pytest.raises(NotFound):
+        inv.vm(twin.id)
+    # A destination snapshot asked for before it arrived does not drop it.
+    inv.apply_snapshot(b.id, snapshot(vm("vm-3", "db")), begun)
+    assert inv.vm(app.id).ext_id == "uuid-9" and count(db, VmModel) == 3
+    assert [t.name for t in inv.tags_of(app.id)] == ["prod"]
+
+
 def test_a_failed_move_leaves_the_vm_to_its_hosts_syncs(inv: Inventory) -> None:
     a, b = two_hosts(inv)
     app = inv.vm_by_ext_id(a.id, "vm-1")

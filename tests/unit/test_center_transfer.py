@@ -139,6 +139,10 @@ def run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[S
 def test_a_stopped_vm_moves_to_another_kind_and_back(run: Callable[[Scenario], None]) -> None:
     async def scenario(site: Site) -> None:
         (before,) = site.vms("idle")
+        inventory = site.agent.inventory
+        inventory.create_tag("prod")
+        inventory.tag(before.id, "prod")
+        inventory.set_vm_ha_priority(before.id, "high")
         task = await site.move("idle", "lv1")
         assert (task.kind, task.object) == ("vm.migrate", "/dc1/tv1/idle")
         done = await site.finished(task)
@@ -155,10 +159,12 @@ def test_a_stopped_vm_moves_to_another_kind_and_back(run: Callable[[Scenario], N
         assert "idle" not in {v.name for v in site.fakes["tv1"].vms.values()}
         assert site.staged() == []
         await site.settled()
-        (row,) = site.vms("idle")  # one row, the destination's (the ids on the hosts differ)
-        assert (row.host_id, row.ext_id, result["vm"]["id"]) == (
-            site.hosts["lv1"].id, moved.id, row.id)  # fmt: skip
-        assert row.id != before.id
+        # One row, its own: under the destination, by the id the destination has for it.
+        (row,) = site.vms("idle")
+        assert (row.id, row.host_id, row.ext_id, result["vm"]["id"]) == (
+            before.id, site.hosts["lv1"].id, moved.id, before.id)  # fmt: skip
+        assert [t.name for t in inventory.tags_of(row.id)] == ["prod"]
+        assert row.ha_priority == "high"
         kinds = [e.kind for e in site.agent.events.list(object="host/lv1/vm/idle")]
         assert "vm.migrated" in kinds
 
@@ -169,7 +175,7 @@ def test_a_stopped_vm_moves_to_another_kind_and_back(run: Callable[[Scenario], N
         assert site.fakes["lv1"].vms == {}
         await site.settled()
         (row,) = site.vms("idle")
-        assert row.host_id == site.hosts["tv1"].id
+        assert (row.id, row.host_id, row.ext_id) == (before.id, site.hosts["tv1"].id, returned.id)
 
     run(scenario)
 

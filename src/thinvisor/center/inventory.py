@@ -536,9 +536,9 @@ class Inventory:
         self.secrets = secrets
         # VMs being moved, by node id: in memory, as the migrations that move them are.
         self._moves: dict[int, Move] = {}
-        # Moves that ended, and when (monotonic): a snapshot begun before may still
-        # show the VM where it was.
-        self._ended: dict[int, tuple[Move, float]] = {}
+        # Moves that ended, when (monotonic) and the id the destination knows the VM by:
+        # a snapshot begun before may still show the VM where it was.
+        self._ended: dict[int, tuple[Move, float, str]] = {}
         self._moves_lock = threading.Lock()
 
     # --- the tree ---------------------------------------------------------------------
@@ -853,20 +853,23 @@ class Inventory:
             self._moves[vm_id] = move
         return move
 
-    def end_move(self, vm_id: int) -> None:
-        """The VM no longer moves (its migration failed, or ``move_vm`` ended it)."""
+    def end_move(self, vm_id: int, *, arrived_as: str | None = None) -> None:
+        """The VM no longer moves (its migration failed, or ``move_vm`` ended it; there
+        the destination knows it as ``arrived_as``, if not by the same id)."""
         now = time.monotonic()
         with self._moves_lock:
             move = self._moves.pop(vm_id, None)
             if move is not None:
-                self._ended[vm_id] = (move, now)
-            for old in [i for i, (_, t) in self._ended.items() if now - t > ENDED_MOVES_KEPT_S]:
+                self._ended[vm_id] = (move, now, arrived_as or move.ext_id)
+            stale = [i for i, (_, t, _) in self._ended.items() if now - t > ENDED_MOVES_KEPT_S]
+            for old in stale:
                 del self._ended[old]
 
-    def move_vm(self, vm_id: int, host_id: int) -> VmRow:
-        """The VM now lives on the host ``host_id``: its row keeps its id (its tags and
-        the grants on it follow it) and goes under that host, where the host's provider
-        knows it by the same id. A row the destination's sync made for it meanwhile is
+    def move_vm(self, vm_id: int, host_id: int, *, ext_id: str | None = None) -> VmRow:
+        """The VM now lives on the host ``host_id``: its row keeps its id (its tags, the
+        grants on it, its HA priority and rules follow it) and goes under that host,
+        where the host's provider knows it by the same id, or by ``ext_id`` (a VM moved
+        to another provider kind). A row the destination's sync made for it meanwhile is
         dropped. Ends its move, if it was moving."""
         with self.db.write() as session:
             source = session.scalars(
@@ -879,15 +882,17 @@ class Inventory:
             row = session.get(VmModel, vm_id, populate_existing=True)
             if row is None:
                 raise NotFound(f"no vm with id {vm_id}")
+            arrived_as = ext_id or row.ext_id
             twin = select(VmModel.node_id).where(
-                VmModel.host_id == host_id, VmModel.ext_id == row.ext_id, VmModel.node_id != vm_id
+                VmModel.host_id == host_id, VmModel.ext_id == arrived_as, VmModel.node_id != vm_id
             )
             _delete_nodes(session, list(session.scalars(twin)))
-            row.host_id = host_id
+            row.host_id, row.ext_id = host_id, arrived_as
             _get_node(session, vm_id).parent_id = host_id
             session.flush()
             moved = _vm_rows(session, _vm_query().where(VmModel.node_id == vm_id))[0]
-        self.end_move(vm_id)  # once committed: a sync that looks now finds it moved
+        # Once committed: a sync that looks now finds it moved.
+        self.end_move(vm_id, arrived_as=arrived_as)
         return moved
 
     def _moving(self, host_id: int) -> tuple[set[str], dict[str, int]]:
@@ -903,8 +908,10 @@ class Inventory:
         """The ids on their providers of the VMs whose move from or to the host ended
         after ``begun``."""
         with self._moves_lock:
-            ended = list(self._ended.values())
-        return {m.ext_id for m, t in ended if t >= begun and host_id in (m.source, m.destination)}
+            ended = [(m, arrived) for m, t, arrived in self._ended.values() if t >= begun]
+        return {m.ext_id for m, _ in ended if m.source == host_id} | {
+            arrived for m, arrived in ended if m.destination == host_id
+        }
 
     # --- high availability ------------------------------------------------------------
 

@@ -11,10 +11,9 @@ destination made is removed by its provider); the staging directory is removed i
 case.
 
 The two kinds know the VM by different ids (a thinvisor VM's name, a libvirt domain's
-UUID), so the VM's inventory row cannot move as a live-migrated VM's does
-(``Inventory.move_vm`` keeps the id on the provider): the source's row is removed and the
-destination's new row replaces it, with a new inventory id (tags, grants and HA
-priority set on the old row do not follow).
+UUID): the VM's inventory row moves as a live-migrated VM's does (``Inventory.move_vm``),
+taking the destination's id for it, so that it keeps its inventory id, its tags, the
+grants on it, its HA priority and its rules.
 """
 
 from __future__ import annotations
@@ -180,8 +179,8 @@ async def _remove_source(transfer: Transfer, record: VmRecord) -> None:
 
 
 def _replace_row(service: center.CenterService, transfer: Transfer, record: VmRecord) -> VmRow:
-    """The destination's row for the VM, the source's removed (see the module's doc)."""
+    """The VM's row, moved to the destination under the id it has there, and updated to
+    what the destination says of it."""
     inventory = service.inventory
-    inventory.end_move(transfer.vm.id)  # else the source's row is kept as moving
-    inventory.remove_vm(transfer.source.id, transfer.vm.ext_id)
+    inventory.move_vm(transfer.vm.id, transfer.destination.id, ext_id=record.id)
     return inventory.apply_vm(transfer.destination.id, record)
