@@ -187,3 +187,9 @@ async def journey(
     await asyncio.to_thread(agent.host.wait_ready, NAME)
     with agent.client() as client:
         client.post(f"/vms/{NAME}/stop")
+    # It boots from the kernel and initrd in boot-files/; deleted, it leaves none there.
+    assert (agent.host.datastore / "boot-files").is_dir()
+    task = await center.service.delete_vm(row.id)
+    done = await center.tasks.wait(task.id, TASK_WAIT_S)
+    assert done.state == "success", done.error
+    assert not (agent.host.datastore / "boot-files").exists()

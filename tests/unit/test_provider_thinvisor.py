@@ -322,3 +322,56 @@ def test_a_host_record_carries_what_placement_weighs() -> None:
     # An agent before these fields, or one that has not sampled its CPUs yet.
     older = host_record(HOST | {"cpu_load": None})
     assert (older.core_mhz, older.cpu_load, older.reserved_memory_mib) == (0, None, 0)
+
+
+def _booting(name: str, kernel: str, initrd: str) -> dict[str, Any]:
+    boot = {"kind": "kernel", "kernel": kernel, "initrd": initrd}
+    return {"name": name, "datastore": "nfs", "state": "stopped", "spec": {"boot": boot}}
+
+
+class BootFilesAgent(HaAgent):
+    """An agent with a VM imported by a transfer (``imp``, booting from ``boot-files/``),
+    a clone of it (``twin``: the same files) and an appliance VM (its own files)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        files = "/mnt/nfs/boot-files/imp-1a2b"
+        self.vms = {
+            "imp": _booting("imp", f"{files}/vmlinuz", f"{files}/initrd.img"),
+            "twin": _booting("twin", f"{files}/vmlinuz", f"{files}/initrd.img"),
+            "app": _booting("app", "vmlinuz", "initrd.img"),
+        }
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        path = request.url.path.removeprefix("/api/v1")
+        self.asked.append((request.method, path, None, {}))
+        name = path.removeprefix("/vms/")
+        if request.method == "GET" and path == "/vms":
+            return httpx.Response(200, json=list(self.vms.values()))
+        if request.method == "GET" and name in self.vms:
+            return httpx.Response(200, json=self.vms[name])
+        if request.method == "DELETE" and name in self.vms:
+            del self.vms[name]
+            return httpx.Response(204)
+        if request.method == "DELETE" and path.startswith("/datastores/nfs/files/"):
+            return httpx.Response(204)
+        return super().__call__(request)
+
+
+def test_deleting_an_imported_vm_removes_the_boot_files_no_other_vm_uses() -> None:
+    agent = BootFilesAgent()
+    provider = on_agent("http://agent-b.example:8443", agent)
+
+    def deleted_files() -> list[str]:
+        prefix = "/datastores/nfs/files/"
+        return [p.removeprefix(prefix) for m, p, _, _ in agent.asked
+                if m == "DELETE" and p.startswith(prefix)]  # fmt: skip
+
+    asyncio.run(provider.delete("app"))  # its own files went with its directory
+    assert deleted_files() == []
+    asyncio.run(provider.delete("imp"))  # its clone still boots from them
+    assert deleted_files() == []
+    asyncio.run(provider.delete("twin"))
+    folder = "boot-files/imp-1a2b"
+    assert deleted_files() == [
+        f"{folder}/vmlinuz", f"{folder}/initrd.img", folder, "boot-files"]  # fmt: skip

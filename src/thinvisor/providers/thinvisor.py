@@ -637,7 +637,43 @@ class ThinvisorProvider(Provider):
         return await self.reconfigure(vm.id, Reconfigure(spec.cpus, spec.memory_mib))
 
     async def delete(self, vm_id: str) -> None:
+        vm: Json = await self.api.json("GET", vm_path(vm_id))
         await self.api.call("DELETE", vm_path(vm_id))
+        await self._remove_boot_files(vm)
+
+    async def _remove_boot_files(self, vm: Json) -> None:
+        """Delete the kernel and initrd that ``import_vm`` put in ``boot-files/`` for a VM
+        now deleted, and their folder, unless another VM (a clone) boots from them; as far
+        as the agent lets us: best effort."""
+        boot: Json = (vm.get("spec") or {}).get("boot") or {}
+        if not any(boot.get(key) for key in ("kernel", "initrd")):
+            return
+        others: list[Json] = await self.api.json("GET", "/vms")
+        used = {
+            other["spec"]["boot"].get(key)
+            for other in others
+            if (other.get("spec") or {}).get("boot")
+            for key in ("kernel", "initrd")
+        }
+        roots = await self._datastore_roots()
+        folders: set[tuple[str, str]] = set()
+        for key in ("kernel", "initrd"):
+            path = boot.get(key)
+            if not path or path in used:
+                continue
+            try:
+                store, relpath = datastore_file(path, vm["name"], vm["datastore"], roots)
+            except ThinvisorError:
+                continue
+            parts = PurePosixPath(relpath).parts
+            if len(parts) == 3 and parts[0] == BOOT_FILES_DIR:
+                with contextlib.suppress(ThinvisorError):
+                    await self.api.call("DELETE", file_path(store, relpath))
+                folders.add((store, f"{parts[0]}/{parts[1]}"))
+        # The folder, then boot-files/ itself unless other imports use it.
+        for store, folder in [*sorted(folders), *sorted({(s, BOOT_FILES_DIR) for s, _ in folders})]:
+            with contextlib.suppress(ThinvisorError):
+                await self.api.call("DELETE", file_path(store, folder))
 
     async def reconfigure(self, vm_id: str, change: Reconfigure) -> VmRecord:
         body: Json = {}
