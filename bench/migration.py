@@ -263,8 +263,13 @@ class Mover:
     uptime: float = 0.0
     moves: int = 0
     crashes: int = 0
+    resets: int = 0
 
     def __call__(self) -> dict[str, float]:
+        raise NotImplementedError
+
+    def reset(self) -> None:
+        """Reset the guest where it runs now (a hard reset, as a hung guest needs)."""
         raise NotImplementedError
 
     def serial_socket(self) -> Path:
@@ -325,6 +330,9 @@ class AgentMove(Mover):
             "wall": wall * 1000,
             "stream": result["memory_bytes"] / MIB,
         }
+
+    def reset(self) -> None:
+        self.clients[0].post(f"/vms/{self.vm}/reset").raise_for_status()
 
     def serial_socket(self) -> Path:
         return agent_vm_paths(self.hosts[0], self.vm).serial_socket(SERIAL)
@@ -414,6 +422,16 @@ class HandMove(Mover):
         self.qemus.reverse()
         self.boot_argv.reverse()
         return figures
+
+    def reset(self) -> None:
+        async def go() -> None:
+            client = await qmp_connect(self.qemus[0])
+            try:
+                await client.execute("system_reset")
+            finally:
+                await client.disconnect()
+
+        asyncio.run(go())
 
     def serial_socket(self) -> Path:
         return self.qemus[0].paths.serial_socket(SERIAL)
@@ -525,7 +543,12 @@ def move_round(mover: Mover, load: str) -> Round:
                 return figures if rate is None else {**figures, "load": rate}
             mover.crashes += 1
             mover.details.pop()
-            mover.uptime = wait_console(mover)
+            try:
+                mover.uptime = wait_console(mover)
+            except TimeoutError:  # hung rather than rebooting: reset it
+                mover.resets += 1
+                mover.reset()
+                mover.uptime = wait_console(mover)
         raise RuntimeError(f"the guest crashed after {MOVES_PER_ROUND} moves in a row")
 
     return one
@@ -578,22 +601,28 @@ def guest(mover: Mover, command: str, timeout: float = CONSOLE_TIMEOUT_S) -> str
     return out
 
 
+def _crashes_said(name: str, mover: Mover) -> str:
+    hung = f" ({mover.resets} hung: reset)" if mover.resets else ""
+    return f"{mover.crashes} of {mover.moves} moves by {name}{hung}"
+
+
 def add_details(movers: dict[str, Mover], comparisons: dict[str, Comparison]) -> None:
     """What the recorded moves showed besides their figures: QEMU's STOP to RESUME as a
     downtime series of its own, thinvisor's phases as notes; the details are cleared for
     the next load."""
-    crashes = [f"{m.crashes} of {m.moves} moves by {n}" for n, m in movers.items() if m.crashes]
+    crashes = [_crashes_said(name, m) for name, m in movers.items() if m.crashes]
     checked = (
         "every move was checked: the guest answered on its console afterwards, its uptime grown"
     )
     if crashes:
         checked += (
-            f"; it had crashed (a kernel panic, then a reboot) after {', '.join(crashes)} "
+            f"; it had crashed (a kernel panic, then a reboot; or hung, then reset by the"
+            f" benchmark) after {', '.join(crashes)} "
             "(warm-up included): each such move was made again, and only that one counts"
         )
     comparisons["downtime"].notes.append(checked if crashes else f"{checked} (no crash)")
     for name, mover in movers.items():
-        mover.moves = mover.crashes = 0
+        mover.moves = mover.crashes = mover.resets = 0
         recorded = mover.details[DEFAULT_WARMUP:]
         mover.details.clear()
         for details in recorded:
