@@ -272,6 +272,10 @@ class Mover:
         """Reset the guest where it runs now (a hard reset, as a hung guest needs)."""
         raise NotImplementedError
 
+    def describe(self) -> str:
+        """What its managers say of the VM, for a guest that never answers again."""
+        return ""
+
     def serial_socket(self) -> Path:
         """The guest's serial console where it runs now."""
         raise NotImplementedError
@@ -333,6 +337,18 @@ class AgentMove(Mover):
 
     def reset(self) -> None:
         self.clients[0].post(f"/vms/{self.vm}/reset").raise_for_status()
+
+    def describe(self) -> str:
+        said = []
+        for host, client in zip(self.hosts, self.clients, strict=True):
+            try:
+                answer = client.get(f"/vms/{self.vm}")
+                state = answer.json().get("state") if answer.is_success else answer.text
+                tail = "".join(host.log.read_text(errors="replace").splitlines(True)[-15:])
+            except (httpx.HTTPError, OSError, ValueError) as exc:
+                state, tail = f"not known ({exc})", ""
+            said.append(f"{host.root}: vm {self.vm}: {state}\n{tail}")
+        return "\n".join(said)
 
     def serial_socket(self) -> Path:
         return agent_vm_paths(self.hosts[0], self.vm).serial_socket(SERIAL)
@@ -548,7 +564,10 @@ def move_round(mover: Mover, load: str) -> Round:
             except TimeoutError:  # hung rather than rebooting: reset it
                 mover.resets += 1
                 mover.reset()
-                mover.uptime = wait_console(mover)
+                try:
+                    mover.uptime = wait_console(mover)
+                except TimeoutError as exc:
+                    raise TimeoutError(f"{exc}, even after a reset\n{mover.describe()}") from exc
         raise RuntimeError(f"the guest crashed after {MOVES_PER_ROUND} moves in a row")
 
     return one
