@@ -21,7 +21,7 @@ from thinvisor.host.engine.tunnel import TunnelError
 from thinvisor.host.hostinfo import HostFacts
 from thinvisor.host.incoming import IncomingRequest
 from thinvisor.host.inventory import set_owner
-from thinvisor.host.migration import MigrationService, downtime_steps
+from thinvisor.host.migration import MigrationService, downtime_steps, memory_copy_of
 from thinvisor.host.service import CreateOptions, HostService
 from thinvisor.model import VmSpec
 from thinvisor.tls import ensure_certificate
@@ -87,6 +87,17 @@ def on_port(tmp_path: Path, body: Callable[[Port], Awaitable[None]]) -> None:
 def test_downtime_escalates_to_the_limit_in_four_steps() -> None:
     assert downtime_steps(300) == [75, 150, 225, 300]
     assert downtime_steps(20) == [10, 15, 20]
+
+
+def test_memory_is_copied_live_unless_tcg_before_qemu_9_would_lose_writes() -> None:
+    assert memory_copy_of("auto", kvm=True, qemu=(7, 2)) == "live"
+    assert memory_copy_of("auto", kvm=False, qemu=(7, 2)) == "paused"
+    assert memory_copy_of("auto", kvm=False, qemu=(8, 2)) == "paused"
+    assert memory_copy_of("auto", kvm=False, qemu=(9, 0)) == "live"
+    assert memory_copy_of("auto", kvm=False, qemu=(10, 1)) == "live"
+    # What the operator asks for stands.
+    assert memory_copy_of("live", kvm=False, qemu=(7, 2)) == "live"
+    assert memory_copy_of("paused", kvm=True, qemu=(10, 1)) == "paused"
 
 
 def test_a_ticket_for_a_vm_not_seen_here_is_for_mirrored_disks(tmp_path: Path) -> None:

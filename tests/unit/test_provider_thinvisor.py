@@ -204,7 +204,7 @@ def test_a_migration_asks_both_agents_as_their_api_says() -> None:
         ("POST", "/vms/app1/migrate", {
             "address": "agent-b.example", "port": 49152, "fingerprint": "AB:CD",
             "token": "secret", "mode": "shared", "downtime_ms": 50, "auto_converge": False,
-            "bandwidth_mib_s": 100,
+            "bandwidth_mib_s": 100, "memory_copy": "auto",
         }),
     ]  # fmt: skip
     assert steps[:3] == [(0, ""), (30, "copied 1"), (60, "copied 2")]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
+from enum import StrEnum
 from typing import Annotated, Any
 from urllib.parse import quote
 
@@ -36,6 +37,13 @@ from thinvisor.errors import InvalidArgument, NotFound
 app = typer.Typer(help="VMs of every host, through the center.", no_args_is_help=True)
 snapshot_app = typer.Typer(help="Snapshots of a VM.", no_args_is_help=True)
 app.add_typer(snapshot_app, name="snapshot")
+
+
+class MemoryCopyArg(StrEnum):
+    AUTO = "auto"
+    LIVE = "live"
+    PAUSED = "paused"
+
 
 VmArg = Annotated[str, typer.Argument(help="The VM: its path, id or unique name.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
@@ -378,6 +386,13 @@ def vm_migrate(
             min=1, max=100_000, help="The most the copy may use, in MiB/s.", show_default=False
         ),
     ] = None,
+    memory_copy: Annotated[
+        MemoryCopyArg,
+        typer.Option(
+            help="live: memory copied as the VM runs; paused: the VM paused for the whole "
+            "copy; auto: live where the host copies it safely (KVM, or QEMU 9.0 and later).",
+        ),
+    ] = MemoryCopyArg.AUTO,
     force: Annotated[
         bool,
         typer.Option(
@@ -400,6 +415,7 @@ def vm_migrate(
         found, target = await center.vm(vm), await center.host(host)
         body: dict[str, Any] = {"host": target["id"], "downtime_ms": downtime_ms}
         body |= {"auto_converge": auto_converge, "bandwidth_mib_s": bandwidth, "force": force}
+        body["memory_copy"] = memory_copy.value
         if datastore is not None:
             body["datastore"] = datastore
         return "POST", f"/vms/{found['id']}/migrate", body

@@ -16,7 +16,9 @@ so that the switch-over waits for no one:
    reaches both).
 4. *migrate*: memory is sent while the guest runs, the allowed downtime raised step by
    step (oVirt's convergence schedule) when copying stalls, with QEMU's auto-converge
-   slowing a busy guest down; QEMU stops the guest for the last pass.
+   slowing a busy guest down; QEMU stops the guest for the last pass. Where a live copy
+   is not safe (``memory_copy_of``: QEMU before 9.0 emulating the CPU with TCG loses
+   guest writes between passes) the guest is paused for the whole copy instead.
 5. *finish*: the mirror jobs end without switching (the destination's copy is whole);
    the destination makes the VM its own in one atomic step and lets it run.
 6. *confirm*: the source ends its QEMU and, for mirror, removes its copy.
@@ -70,6 +72,13 @@ PASSES_AT_LIMIT = 12
 #: No limit of QEMU's own on the stream (its default is 128 MiB/s).
 UNLIMITED_BYTES_S = 64 << 30
 FINISH_TIMEOUT_S = 60.0
+#: The first QEMU whose TCG keeps the migration's dirty-page bitmap coherent with the
+#: guest's writes (commit 03bfc2188f, "physmem: Fix migration dirty bitmap coherency with
+#: TCG memory access"). Before it, a page the guest rewrites after a pass may never be
+#: sent again: the guest runs on at the destination with stale memory and crashes.
+TCG_LIVE_COPY_SINCE = (9, 0)
+
+MemoryCopy = Literal["live", "paused"]
 
 
 class MigrateRequest(StrictModel):
@@ -81,12 +90,29 @@ class MigrateRequest(StrictModel):
     downtime_ms: int = Field(default=300, ge=10, le=10_000, description="the downtime allowed")
     auto_converge: bool = Field(default=True, description="slow a busy guest down to converge")
     bandwidth_mib_s: int | None = Field(default=None, ge=1, le=100_000)
+    memory_copy: Literal["auto", "live", "paused"] = Field(
+        default="auto",
+        description="live: memory copied while the guest runs; paused: the guest paused for "
+        "the whole copy (a longer downtime); auto: live where it is safe (KVM, or QEMU 9.0 "
+        "or later)",
+    )
 
 
 def downtime_steps(limit_ms: int) -> list[int]:
     """oVirt-style escalation: start at a quarter of the allowed downtime, then half,
     three quarters, the whole."""
     return sorted({max(10, limit_ms * k // 4) for k in (1, 2, 3, 4)})
+
+
+def memory_copy_of(
+    requested: Literal["auto", "live", "paused"], kvm: bool, qemu: tuple[int, int]
+) -> MemoryCopy:
+    """How the memory is copied: as ``requested``, or for ``auto`` live unless QEMU
+    (version ``qemu``) emulates the CPU (``kvm`` false) and its TCG loses writes between
+    passes (before ``TCG_LIVE_COPY_SINCE``)."""
+    if requested != "auto":
+        return requested
+    return "live" if kvm or qemu >= TCG_LIVE_COPY_SINCE else "paused"
 
 
 class MigrationService:
@@ -160,6 +186,8 @@ class _Step:
     total_ms: float = 0.0
     downtime_ms: float = 0.0
     downtime_limit_ms: int = 0
+    memory_copy: MemoryCopy | None = None  # a stopped VM's move copies none
+    paused_at: float | None = None
 
 
 class _Move:
@@ -419,6 +447,7 @@ class _Move:
             "migrate-set-parameters", downtime_limit=steps[0], max_bandwidth=bandwidth
         )
         self.step.downtime_limit_ms = steps[0]
+        self.step.memory_copy = await self._memory_copy()
         remote = await self.channel("memory")
         ours, qemus = socket.socketpair()
         try:
@@ -427,9 +456,25 @@ class _Move:
             qemus.close()
         local = await asyncio.open_connection(sock=ours)
         self.pumps.append(asyncio.create_task(tunnel.splice(local, remote, self.counter, "memory")))
+        if self.step.memory_copy == "paused":
+            await mon.command("stop")
+            self.step.paused_at = time.monotonic()
         self._update(40, "migrating memory")
         await mon.command("migrate", uri="fd:migration-out")
         await self._watch_memory(steps)
+
+    async def _memory_copy(self) -> MemoryCopy:
+        kvm = await self.mon.command("query-kvm")
+        version = (await self.mon.command("query-version"))["qemu"]
+        qemu = (int(version["major"]), int(version["minor"]))
+        copy = memory_copy_of(self.req.memory_copy, bool(kvm.get("enabled")), qemu)
+        if copy == "paused" and self.req.memory_copy == "auto":
+            log.warning(
+                "vm %s: paused while its memory is copied: QEMU %d.%d emulating the CPU (TCG) "
+                "can lose the guest's writes in a live copy (fixed in QEMU %d.%d)",
+                self.spec.name, *qemu, *TCG_LIVE_COPY_SINCE,
+            )  # fmt: skip
+        return copy
 
     async def _watch_memory(self, steps: list[int]) -> None:
         mon, index, passes_at = self.mon, 0, 0
@@ -437,8 +482,14 @@ class _Move:
             info = await mon.command("query-migrate")
             status = info.get("status")
             if status == "completed":
-                self.step.downtime_ms = float(info.get("downtime", 0))
                 self._completed_at = time.monotonic()
+                paused = self.step.paused_at
+                # Paused for the copy: the guest stood still from our stop on.
+                self.step.downtime_ms = (
+                    float(info.get("downtime", 0))
+                    if paused is None
+                    else (self._completed_at - paused) * 1000
+                )
                 return
             if status in ("failed", "cancelled"):
                 why = info.get("error-desc", status)
@@ -585,6 +636,7 @@ class _Move:
             "destination": self.req.address,
             "downtime_ms": round(self.step.downtime_ms, 1),
             "downtime_limit_ms": self.step.downtime_limit_ms,
+            "memory_copy": self.step.memory_copy,
             "total_ms": round((time.monotonic() - self.step.started) * 1000, 1),
             "transferred_bytes": self.counter.bytes,
             "memory_bytes": channels.get("memory", 0),

@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from thinvisor.errors import Unsupported
 
@@ -256,6 +256,10 @@ class MigrationOptions:
     """Slow the VM's CPUs down where its memory changes faster than it is copied."""
     bandwidth_mib_s: int | None = None
     """The most the copy may use (None: as much as it gets)."""
+    memory_copy: Literal["auto", "live", "paused"] = "auto"
+    """live: memory copied as the VM runs; paused: the VM paused for the whole copy;
+    auto: live where the host's hypervisor copies it safely (thinvisor: KVM, or QEMU 9.0
+    and later), paused elsewhere. Providers that only copy live ignore it."""
     datastore: str | None = None
     """The destination's datastore for the VM's disks where they must be copied there
     (the destination does not see them at the same paths); None: its default one."""

@@ -948,6 +948,7 @@ def migrate_body(ticket: MigrationTicket, options: MigrationOptions) -> Json:
         "downtime_ms": options.downtime_ms,
         "auto_converge": options.auto_converge,
         "bandwidth_mib_s": options.bandwidth_mib_s,
+        "memory_copy": options.memory_copy,
     }
 
 

@@ -15,7 +15,7 @@ is refused unless ``force``; nothing goes to a host in maintenance mode.
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
@@ -109,6 +109,12 @@ class MigrateIn(StrictModel):
     """Slow the VM's CPUs down where its memory changes faster than it is copied."""
     bandwidth_mib_s: int | None = Field(
         default=None, ge=1, le=100_000, description="the most the copy may use; default: no limit"
+    )
+    memory_copy: Literal["auto", "live", "paused"] = Field(
+        default="auto",
+        description="live: memory copied as the VM runs; paused: the VM paused for the whole "
+        "copy; auto: live where the host copies it safely (thinvisor: KVM, or QEMU 9.0 and "
+        "later)",
     )
     force: bool = Field(
         default=False,
@@ -291,6 +297,7 @@ async def migrate_vm(vm_id: int, body: MigrateIn, request: Request, user: Caller
         downtime_ms=body.downtime_ms,
         auto_converge=body.auto_converge,
         bandwidth_mib_s=body.bandwidth_mib_s,
+        memory_copy=body.memory_copy,
         datastore=body.datastore,
     )
     task = await agent.service.migrate_vm(vm_id, host.id, options, force=body.force, user=user.name)
