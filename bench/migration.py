@@ -117,6 +117,11 @@ NOTES = {
         "(STOP to RESUME)",
         f"both allow {DOWNTIME_MS} ms; thinvisor starts at a quarter of it and raises the "
         "limit step by step when copying stalls",
+        "thinvisor copies the memory live only where that is safe: with KVM, or with QEMU "
+        "9.0 or later. QEMU before 9.0 emulating the CPU (TCG) can lose a guest's writes "
+        "between passes (QEMU commit 03bfc2188f), and the guest then crashes at the "
+        "destination; there thinvisor pauses the guest for the whole copy, and its downtime "
+        "is the copy's time. QEMU by hand copies live, and its crashes are counted below",
     ],
     "total": [
         "qemu: from the migrate command until the source says completed and the "
@@ -298,6 +303,7 @@ class AgentMove(Mover):
     mode: str
     datastore: str | None = None
     details: list[dict[str, float]] = field(default_factory=list)
+    copies: dict[str, int] = field(default_factory=dict)  # memory_copy: moves
 
     def __call__(self) -> dict[str, float]:
         source, dest = self.clients
@@ -328,6 +334,8 @@ class AgentMove(Mover):
         self.hosts.reverse()
         self.clients.reverse()
         result = task["result"]
+        copy = str(result.get("memory_copy"))
+        self.copies[copy] = self.copies.get(copy, 0) + 1
         return {
             "downtime": float(result["downtime_ms"]),
             "total": float(result["total_ms"]),
@@ -641,6 +649,12 @@ def add_details(movers: dict[str, Mover], comparisons: dict[str, Comparison]) ->
         )
     comparisons["downtime"].notes.append(checked if crashes else f"{checked} (no crash)")
     for name, mover in movers.items():
+        if isinstance(mover, AgentMove) and mover.copies:
+            said = ", ".join(f"{how} {n} times" for how, n in sorted(mover.copies.items()))
+            comparisons["downtime"].notes.append(
+                f"{name} copied the memory (warm-up included): {said}"
+            )
+            mover.copies.clear()
         mover.moves = mover.crashes = mover.resets = 0
         recorded = mover.details[DEFAULT_WARMUP:]
         mover.details.clear()
