@@ -369,6 +369,8 @@ def test_deleting_an_imported_vm_removes_the_boot_files_no_other_vm_uses() -> No
 
     asyncio.run(provider.delete("app"))  # its own files went with its directory
     assert deleted_files() == []
+    # Nothing imported: neither the other VMs nor the datastores were asked about.
+    assert [(m, p) for m, p, _, _ in agent.asked if m == "GET"] == [("GET", "/vms/app")]
     asyncio.run(provider.delete("imp"))  # its clone still boots from them
     assert deleted_files() == []
     asyncio.run(provider.delete("twin"))

@@ -646,7 +646,15 @@ class ThinvisorProvider(Provider):
         now deleted, and their folder, unless another VM (a clone) boots from them; as far
         as the agent lets us: best effort."""
         boot: Json = (vm.get("spec") or {}).get("boot") or {}
-        if not any(boot.get(key) for key in ("kernel", "initrd")):
+        # Imports name theirs by absolute paths; a VM's own files are relative to its folder.
+        imported = [
+            path
+            for key in ("kernel", "initrd")
+            if isinstance(path := boot.get(key), str)
+            and PurePosixPath(path).is_absolute()
+            and BOOT_FILES_DIR in PurePosixPath(path).parts
+        ]
+        if not imported:
             return
         others: list[Json] = await self.api.json("GET", "/vms")
         used = {
@@ -657,9 +665,8 @@ class ThinvisorProvider(Provider):
         }
         roots = await self._datastore_roots()
         folders: set[tuple[str, str]] = set()
-        for key in ("kernel", "initrd"):
-            path = boot.get(key)
-            if not path or path in used:
+        for path in imported:
+            if path in used:
                 continue
             try:
                 store, relpath = datastore_file(path, vm["name"], vm["datastore"], roots)
