@@ -32,9 +32,6 @@ from thinvisor.model.vm import VmSpec
 
 log = logging.getLogger(__name__)
 
-#: How long a VM's cgroups wait for its exited QEMU to be reaped before they are removed.
-REAP_GRACE_S = 2.0
-
 MIB = 1024 * 1024
 #: QEMU's own memory beyond the guest's (code, TCG's translation cache, I/O buffers).
 QEMU_OVERHEAD_MIB = 256
@@ -114,7 +111,7 @@ class ResourceControls:
         if cgroup is None:
             return
         try:
-            cgroup.remove(grace=REAP_GRACE_S)
+            cgroup.remove()
         except ThinvisorError as exc:  # the next agent start removes it
             log.warning("vm %s: cannot remove its cgroups: %s", spec.name, exc)
 

@@ -329,17 +329,11 @@ class VmCgroup:
             memory_bytes=_read_int(self.path("memory") / "memory.usage_in_bytes"),
         )
 
-    def remove(self, grace: float = 0.0) -> None:
-        """Remove the VM's cgroups, which must hold no processes; missing ones are fine.
-
-        ``grace``: seconds to wait for the processes to leave (blocking). A QEMU that has
-        exited stays listed until its parent, not the agent, has reaped it."""
-        deadline = time.monotonic() + grace
-        while pids := self.pids():
-            if time.monotonic() >= deadline:
-                listed = " ".join(str(p) for p in sorted(pids))
-                raise BackendError(f"cgroup {self.parent}/{self.vm_id} still holds pids {listed}")
-            time.sleep(0.02)
+    def remove(self) -> None:
+        """Remove the VM's cgroups, which must hold no processes; missing ones are fine."""
+        if pids := self.pids():
+            listed = " ".join(str(p) for p in sorted(pids))
+            raise BackendError(f"cgroup {self.parent}/{self.vm_id} still holds pids {listed}")
         for d in self.dirs():
             _rmdir(d)
 
