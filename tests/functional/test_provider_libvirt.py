@@ -171,6 +171,19 @@ async def test_suspend_saves_and_start_restores(libvirtd: LibvirtDaemon) -> None
                 await provider.power(vm_id, PowerAction.STOP)
 
 
+@run_async
+async def test_the_host_cpu_load_is_measured_between_two_snapshots(
+    libvirtd: LibvirtDaemon,
+) -> None:
+    async with connected(libvirtd) as provider:
+        first = await provider.snapshot()
+        assert first.host.cpu_load is None  # nothing to measure against yet
+        assert first.host.core_mhz > 0
+        await asyncio.sleep(0.5)
+        load = (await provider.snapshot()).host.cpu_load
+        assert load is not None and 0.0 <= load <= 1.0
+
+
 async def _check_refused_while_running(provider: LibvirtProvider, vm_id: str) -> None:
     for call in (
         provider.reconfigure(vm_id, Reconfigure(memory_mib=128)),
