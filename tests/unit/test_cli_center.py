@@ -45,6 +45,7 @@ from thinvisor.center.inventory import Inventory
 from thinvisor.center.permissions import Permissions
 from thinvisor.center.secrets import SecretBox
 from thinvisor.cli import center as center_cli
+from thinvisor.cli import center_vm
 from thinvisor.cli.center import normal_fingerprint
 from thinvisor.cli.center_client import CenterClient, center_url
 from thinvisor.cli.center_vm import serial_target
@@ -354,6 +355,23 @@ def add_both(admin: dict[str, str], hosts: list[FakeHost]) -> None:
 MOVED = re.compile(
     r"moved /dc1/hosta/db to hostb in \d+\.\d s \(downtime \d+ ms, 256\.0 MiB transferred\)\n"
 )
+
+
+def test_a_migration_summary_says_when_the_vm_was_paused_for_the_copy() -> None:
+    result = {
+        "source": "/dc1/hosta/db",
+        "vm": {"host": "hostb"},
+        "total_ms": 900,
+        "downtime_ms": 640,
+        "memory_copy": "paused",
+        "transferred_bytes": 64 << 20,
+    }
+    assert center_vm.migrated(result) == (
+        "moved /dc1/hosta/db to hostb in 0.9 s "
+        "(downtime 640 ms, paused for the memory copy, 64.0 MiB transferred)"
+    )
+    live = center_vm.migrated({**result, "memory_copy": "live"})
+    assert "(downtime 640 ms, 64.0 MiB" in live
 
 
 def test_a_live_migration_through_the_cli(

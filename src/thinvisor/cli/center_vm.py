@@ -435,6 +435,8 @@ def migrated(result: dict[str, Any]) -> str:
     details = [] if live else ["cold"]
     if live and isinstance(result.get("downtime_ms"), int | float):
         details.append(f"downtime {result['downtime_ms']:.0f} ms")
+        if result.get("memory_copy") == "paused":
+            details.append("paused for the memory copy")
     if isinstance(result.get("transferred_bytes"), int | float):
         details.append(f"{result['transferred_bytes'] / (1 << 20):.1f} MiB transferred")
     return said + (f" ({', '.join(details)})" if details else "")
