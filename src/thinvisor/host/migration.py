@@ -79,6 +79,8 @@ FINISH_TIMEOUT_S = 60.0
 TCG_LIVE_COPY_SINCE = (9, 0)
 
 MemoryCopy = Literal["live", "paused"]
+#: What a move may ask for: ``auto`` leaves it to ``memory_copy_of``.
+MemoryCopyChoice = Literal["auto", "live", "paused"]
 
 
 class MigrateRequest(StrictModel):
@@ -90,7 +92,7 @@ class MigrateRequest(StrictModel):
     downtime_ms: int = Field(default=300, ge=10, le=10_000, description="the downtime allowed")
     auto_converge: bool = Field(default=True, description="slow a busy guest down to converge")
     bandwidth_mib_s: int | None = Field(default=None, ge=1, le=100_000)
-    memory_copy: Literal["auto", "live", "paused"] = Field(
+    memory_copy: MemoryCopyChoice = Field(
         default="auto",
         description="live: memory copied while the guest runs; paused: the guest paused for "
         "the whole copy (a longer downtime); auto: live where it is safe (KVM, or QEMU 9.0 "
@@ -104,9 +106,7 @@ def downtime_steps(limit_ms: int) -> list[int]:
     return sorted({max(10, limit_ms * k // 4) for k in (1, 2, 3, 4)})
 
 
-def memory_copy_of(
-    requested: Literal["auto", "live", "paused"], kvm: bool, qemu: tuple[int, int]
-) -> MemoryCopy:
+def memory_copy_of(requested: MemoryCopyChoice, kvm: bool, qemu: tuple[int, int]) -> MemoryCopy:
     """How the memory is copied: as ``requested``, or for ``auto`` live unless QEMU
     (version ``qemu``) emulates the CPU (``kvm`` false) and its TCG loses writes between
     passes (before ``TCG_LIVE_COPY_SINCE``)."""

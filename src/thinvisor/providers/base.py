@@ -246,6 +246,10 @@ class Connection:
     """The SHA-256 fingerprint of the host's TLS certificate, pinned (``AA:BB:...``)."""
 
 
+#: How a running VM's memory is copied when it moves (``MigrationOptions.memory_copy``).
+MemoryCopyChoice = Literal["auto", "live", "paused"]
+
+
 @dataclass(frozen=True)
 class MigrationOptions:
     """How a VM is live-migrated."""
@@ -256,7 +260,7 @@ class MigrationOptions:
     """Slow the VM's CPUs down where its memory changes faster than it is copied."""
     bandwidth_mib_s: int | None = None
     """The most the copy may use (None: as much as it gets)."""
-    memory_copy: Literal["auto", "live", "paused"] = "auto"
+    memory_copy: MemoryCopyChoice = "auto"
     """live: memory copied as the VM runs; paused: the VM paused for the whole copy;
     auto: live where the host's hypervisor copies it safely (thinvisor: KVM, or QEMU 9.0
     and later), paused elsewhere. Providers that only copy live ignore it."""

@@ -15,7 +15,7 @@ is refused unless ``force``; nothing goes to a host in maintenance mode.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
@@ -41,6 +41,7 @@ from thinvisor.errors import InvalidArgument
 from thinvisor.model.base import StrictModel
 from thinvisor.providers.base import (
     CreateVm,
+    MemoryCopyChoice,
     MigrationOptions,
     PowerAction,
     PowerState,
@@ -110,7 +111,7 @@ class MigrateIn(StrictModel):
     bandwidth_mib_s: int | None = Field(
         default=None, ge=1, le=100_000, description="the most the copy may use; default: no limit"
     )
-    memory_copy: Literal["auto", "live", "paused"] = Field(
+    memory_copy: MemoryCopyChoice = Field(
         default="auto",
         description="live: memory copied as the VM runs; paused: the VM paused for the whole "
         "copy; auto: live where the host copies it safely (thinvisor: KVM, or QEMU 9.0 and "
